@@ -1,0 +1,162 @@
+"""Orbax checkpoints of one workdir: train state, data-iterator position, and a JSON of metadata.
+
+Keeps the `keep` most recent steps plus the best one by an eval metric. Restores always onto
+explicit target shardings, so a checkpoint written on 8 devices restores on 1 and back.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from jaxtrain.state import TrainState
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint in the workdir was written for another model or optimizer."""
+
+
+def _state_dict(state: TrainState) -> dict[str, Any]:
+    return {f: getattr(state, f) for f in ("step", "params", "opt_state", "rng", "frozen")}
+
+
+def _path(keypath) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                    for k in keypath)
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_path(p): tuple(x.shape) for p, x in leaves}
+
+
+class Checkpointer:
+    """One `ocp.CheckpointManager` under `<workdir>/checkpoints`."""
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        keep: int = 3,
+        best_metric: str = "",
+        best_mode: str = "max",
+        async_save: bool = True,
+    ):
+        self.directory = os.path.abspath(directory)
+        self.best_metric = best_metric
+        policies: list[pp.PreservationPolicy] = [pp.LatestN(n=keep)]
+        if best_metric:
+            policies.append(
+                pp.BestN(
+                    get_metric_fn=lambda m: m[best_metric],
+                    reverse=best_mode == "min",
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=pp.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def best_step(self) -> int | None:
+        return self.manager.best_step() if self.best_metric else None
+
+    def step_path(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def save(
+        self,
+        step: int,
+        state: TrainState,
+        data_iterator: Any,
+        meta: dict,
+        metrics: dict[str, float] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Queue an (async) save. `metrics` ranks the checkpoint for best-keeping."""
+        if step in self.manager.all_steps():
+            return False
+        if self.best_metric and metrics is not None and self.best_metric not in metrics:
+            metrics = None
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_state_dict(state)),
+                data=grain.checkpoint.CheckpointSave(data_iterator),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            metrics={k: float(v) for k, v in metrics.items()} if metrics else None,
+            force=force,
+        )
+
+    def check_compatible(self, step: int, target: TrainState) -> None:
+        """Raise CheckpointMismatchError naming the first differences, before Orbax does."""
+        saved = self.manager.item_metadata(step)["state"]
+        want, got = _shapes(_state_dict(target)), _shapes(saved)
+        missing = sorted(set(want) - set(got))
+        extra = sorted(set(got) - set(want))
+        differ = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+        if missing or extra or differ:
+            lines = [f"  shape {k}: checkpoint {got[k]} vs model {want[k]}" for k in differ[:5]]
+            lines += [f"  only in the model: {k}" for k in missing[:5]]
+            lines += [f"  only in the checkpoint: {k}" for k in extra[:5]]
+            raise CheckpointMismatchError(
+                f"The checkpoint at {self.step_path(step)} does not fit this model/optimizer "
+                f"({len(differ)} shape differences, {len(missing)} missing and {len(extra)} extra "
+                "arrays):\n" + "\n".join(lines) + "\nUse a new --workdir for a different model, "
+                "or restore the config that wrote this checkpoint."
+            )
+
+    def restore(
+        self, step: int, target: TrainState, target_shardings: TrainState, data_iterator: Any
+    ) -> tuple[TrainState, dict]:
+        """Restore `step` onto `target_shardings`; `data_iterator` is set in place."""
+        self.check_compatible(step, target)
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            _state_dict(target),
+            _state_dict(target_shardings),
+        )
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract),
+                data=grain.checkpoint.CheckpointRestore(data_iterator),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        return TrainState(**restored["state"]), restored["meta"]
+
+    def restore_meta(self, step: int) -> dict:
+        return self.manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        )["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

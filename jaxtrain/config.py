@@ -1,0 +1,243 @@
+"""The engine's configuration: defaults, and validation with errors that name the key and the rule.
+
+Every config file starts from :func:`base_config` and fills in the task's sections (`model`,
+`data`). :func:`validate` runs before anything is compiled: it rejects unknown keys (naming the
+nearest valid ones), wrong types and impossible values.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import ml_collections
+
+OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
+SCHEDULES = ("constant", "linear", "cosine", "cosine_restarts", "wsd", "rsqrt")
+NONFINITE_MODES = ("skip", "error")
+MODES = ("min", "max")
+
+
+class ConfigError(ValueError):
+    """A config key has a wrong name, type or value. The message names the key and the fix."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Engine defaults shared by every task. Task configs override and add `model` / `data`."""
+    c = ml_collections.ConfigDict()
+    c.task = ""  # registered task name, e.g. 'clip'
+    c.seed = 0  # one seed; params, dropout and data order are derived from it by name
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 128  # global batch, over all devices and hosts
+    c.train.steps = 1000
+    c.train.accum_steps = 1  # gradient accumulation: the batch is split in this many microbatches
+    c.train.nonfinite = "skip"  # NaN/Inf loss or grads: 'skip' the update, or stop with an 'error'
+    c.train.log_every = 50
+    c.train.progress_bar = True
+    c.train.peak_tflops = 0.0  # per-device peak for MFU; 0 = look up known accelerators
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"
+    c.optim.lr = 1e-3
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.momentum = 0.9
+    c.optim.nesterov = False
+    c.optim.weight_decay = 0.0
+    c.optim.wd_exclude = r"(bias|scale|norm|embed|pos_emb|logit_scale)"
+    c.optim.clip_norm = 1.0
+    c.optim.schedule = "cosine"
+    c.optim.warmup_steps = 0
+    c.optim.warmup_ratio = 0.0
+    c.optim.min_lr_ratio = 0.0
+    c.optim.num_cycles = 2
+    c.optim.decay_ratio = 0.2
+    c.optim.rsqrt_timescale = 0
+    c.optim.param_groups = ()  # ((regex, lr_multiplier), ...); multiplier 0 freezes
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 200  # 0 = only at the end
+    c.eval.batch_size = 256
+    c.eval.early_stop_metric = ""  # e.g. 'eval/mean_recall@1'; '' = no early stopping
+    c.eval.early_stop_mode = "max"
+    c.eval.patience = 3  # evaluations without improvement before stopping
+    c.eval.min_delta = 0.0
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 200  # 0 = only at the end
+    c.checkpoint.keep = 3  # most recent checkpoints kept
+    c.checkpoint.best_metric = ""  # also keep the best by this eval metric; '' = off
+    c.checkpoint.best_mode = "max"
+    c.checkpoint.async_save = True
+
+    c.model = ml_collections.ConfigDict()
+    c.data = ml_collections.ConfigDict()
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _flatten(cfg: Mapping, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in cfg.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping | ml_collections.ConfigDict):
+            out[path] = value
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def _close(key: str, valid: Iterable[str]) -> str:
+    matches = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.5)
+    return f" Did you mean {', '.join(repr(m) for m in matches)}?" if matches else ""
+
+
+def check_keys(cfg: Mapping, schema: Mapping) -> None:
+    """Every key of `cfg` must exist in `schema` (recursively); else name it and the nearest."""
+    flat_cfg, flat_schema = _flatten(cfg), _flatten(schema)
+    for path in flat_cfg:
+        if path not in flat_schema:
+            parent = path.rpartition(".")[0]
+            siblings = [p for p in flat_schema if p.rpartition(".")[0] == parent]
+            raise ConfigError(
+                f"Unknown config key '{path}'.{_close(path, siblings)} "
+                f"Valid keys here: {', '.join(sorted(s.rpartition('.')[2] for s in siblings))}."
+            )
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, tuple | list):
+        return isinstance(value, tuple | list)
+    return isinstance(value, type(default))
+
+
+def check_types(cfg: Mapping, schema: Mapping) -> None:
+    flat_schema = _flatten(schema)
+    for path, value in _flatten(cfg).items():
+        default = flat_schema.get(path)
+        if isinstance(default, Mapping | ml_collections.ConfigDict):
+            continue
+        if not _type_ok(value, default):
+            raise ConfigError(
+                f"Config key '{path}' must be {type(default).__name__} "
+                f"(like its default {default!r}), got {type(value).__name__} {value!r}."
+            )
+
+
+Rule = tuple[str, Callable[[Any], bool], str]
+
+_RULES: list[Rule] = [
+    ("seed", lambda v: v >= 0, "must be >= 0"),
+    ("train.batch_size", lambda v: v > 0, "must be > 0"),
+    ("train.steps", lambda v: v > 0, "must be > 0"),
+    ("train.accum_steps", lambda v: v >= 1, "must be >= 1"),
+    ("train.nonfinite", lambda v: v in NONFINITE_MODES, f"must be one of {NONFINITE_MODES}"),
+    ("train.log_every", lambda v: v > 0, "must be > 0"),
+    ("train.peak_tflops", lambda v: v >= 0, "must be >= 0"),
+    ("optim.name", lambda v: v in OPTIMIZERS, f"must be one of {OPTIMIZERS}"),
+    ("optim.schedule", lambda v: v in SCHEDULES, f"must be one of {SCHEDULES}"),
+    ("optim.lr", lambda v: v > 0, "must be > 0 (freeze parameters with optim.param_groups)"),
+    ("optim.weight_decay", lambda v: v >= 0, "must be >= 0"),
+    ("optim.clip_norm", lambda v: v is None or v >= 0, "must be >= 0 (0 = no clipping)"),
+    ("optim.warmup_steps", lambda v: v >= 0, "must be >= 0"),
+    ("optim.warmup_ratio", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("optim.min_lr_ratio", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    ("optim.b1", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("optim.b2", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("optim.num_cycles", lambda v: v >= 1, "must be >= 1"),
+    ("optim.decay_ratio", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    ("eval.every", lambda v: v >= 0, "must be >= 0 (0 = only at the end)"),
+    ("eval.batch_size", lambda v: v > 0, "must be > 0"),
+    ("eval.early_stop_mode", lambda v: v in MODES, f"must be one of {MODES}"),
+    ("eval.patience", lambda v: v >= 1, "must be >= 1"),
+    ("eval.min_delta", lambda v: v >= 0, "must be >= 0"),
+    ("checkpoint.every", lambda v: v >= 0, "must be >= 0 (0 = only at the end)"),
+    ("checkpoint.keep", lambda v: v >= 1, "must be >= 1"),
+    ("checkpoint.best_mode", lambda v: v in MODES, f"must be one of {MODES}"),
+]
+
+
+def check_rules(cfg: ml_collections.ConfigDict, rules: Iterable[Rule] = ()) -> None:
+    flat = _flatten(cfg)
+    for path, ok, rule in [*_RULES, *rules]:
+        if path in flat and not ok(flat[path]):
+            raise ConfigError(f"Config key '{path}' {rule}; got {flat[path]!r}.")
+    for name, size in cfg.mesh.items():
+        if size != -1 and size < 1:
+            raise ConfigError(f"Config key 'mesh.{name}' must be -1 (the rest) or >= 1; got {size}.")
+    if sum(1 for s in cfg.mesh.values() if s == -1) > 1:
+        raise ConfigError("At most one mesh axis may be -1 ('the rest'); got " f"{dict(cfg.mesh)}.")
+    if cfg.optim.warmup_steps > 0 and cfg.optim.warmup_ratio > 0:
+        raise ConfigError("Set optim.warmup_steps or optim.warmup_ratio, not both.")
+    if cfg.optim.warmup_steps >= cfg.train.steps:
+        raise ConfigError(
+            f"Config key 'optim.warmup_steps' ({cfg.optim.warmup_steps}) must be smaller than "
+            f"train.steps ({cfg.train.steps})."
+        )
+    if cfg.train.batch_size % cfg.train.accum_steps:
+        raise ConfigError(
+            f"train.batch_size ({cfg.train.batch_size}) must be divisible by train.accum_steps "
+            f"({cfg.train.accum_steps})."
+        )
+    for i, group in enumerate(cfg.optim.param_groups):
+        if not (isinstance(group, tuple | list) and len(group) == 2):
+            raise ConfigError(
+                f"optim.param_groups[{i}] must be a (regex, lr_multiplier) pair; got {group!r}."
+            )
+        try:
+            re.compile(group[0])
+        except re.error as e:
+            raise ConfigError(f"optim.param_groups[{i}] regex {group[0]!r} is invalid: {e}") from e
+        if not isinstance(group[1], int | float) or group[1] < 0:
+            raise ConfigError(
+                f"optim.param_groups[{i}] multiplier must be a number >= 0; got {group[1]!r}."
+            )
+    for key in ("eval.early_stop_metric", "checkpoint.best_metric"):
+        metric = flat[key]
+        if metric and not metric.startswith("eval/"):
+            raise ConfigError(
+                f"Config key '{key}' must name an eval metric such as 'eval/loss'; got {metric!r}."
+            )
+
+
+def check_divisibility(cfg: ml_collections.ConfigDict, data_parallel: int) -> None:
+    """The global (micro)batch must split evenly over the data-parallel devices."""
+    micro = cfg.train.batch_size // cfg.train.accum_steps
+    if micro % data_parallel:
+        raise ConfigError(
+            f"train.batch_size / train.accum_steps = {micro} is not divisible by the "
+            f"data-parallel size {data_parallel} (mesh.data x mesh.fsdp). Choose a batch size that "
+            f"is a multiple of {data_parallel * cfg.train.accum_steps}."
+        )
+    if cfg.eval.batch_size % data_parallel:
+        raise ConfigError(
+            f"eval.batch_size ({cfg.eval.batch_size}) is not divisible by the data-parallel size "
+            f"{data_parallel}; use a multiple of {data_parallel}."
+        )
+
+
+def validate(
+    cfg: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, rules: Iterable[Rule] = ()
+) -> None:
+    """Check names, types and values of `cfg` against `schema` (the defaults) and the rules."""
+    check_keys(cfg, schema)
+    check_types(cfg, schema)
+    check_rules(cfg, rules)

@@ -1,0 +1,109 @@
+"""Device mesh, logical-axis rules and shardings.
+
+Parameters carry logical axis names ('embed', 'mlp', ...); :data:`DEFAULT_RULES` maps them to mesh
+axes. A logical dimension whose size does not divide by its mesh axes is replicated instead, so a
+small model runs on any mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from jaxtrain.config import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical name -> mesh axes. First match wins (flax semantics); unknown names are replicated.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+    ("length", None),
+    ("norm", None),
+    ("patch", None),
+    ("pos", None),
+)
+
+
+def mesh_shape(axes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+    """Resolve the config's axis sizes (-1 = the rest) against `num_devices`."""
+    unknown = set(axes) - set(MESH_AXES)
+    if unknown:
+        raise ConfigError(f"Unknown mesh axes {sorted(unknown)}; valid: {MESH_AXES}.")
+    sizes = [int(axes.get(name, 1)) for name in MESH_AXES]
+    fixed = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % fixed:
+            raise ConfigError(
+                f"mesh {dict(axes)}: the fixed axes ({fixed} devices) do not divide the "
+                f"{num_devices} available devices."
+            )
+        sizes[sizes.index(-1)] = num_devices // fixed
+    if math.prod(sizes) != num_devices:
+        raise ConfigError(
+            f"mesh {dict(axes)} needs {math.prod(sizes)} devices but {num_devices} are available; "
+            "set one axis to -1 to use the rest."
+        )
+    return tuple(sizes)
+
+
+def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(devices) if devices is not None else jax.devices()
+    shape = mesh_shape(axes, len(devices))
+    return jax.make_mesh(
+        shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Leading (batch) dimension split over the data axes, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """Drop mesh axes from dimensions they do not divide evenly (replicate that dimension)."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = math.prod(mesh.shape[a] for a in names)
+        out.append(axes if names and dim % size == 0 else None)
+    return PartitionSpec(*out)
+
+
+def logical_shardings(abstract_boxed, mesh: Mesh, rules=DEFAULT_RULES):
+    """NamedShardings for a pytree of (boxed, logically partitioned) abstract params."""
+    specs = nn.get_partition_spec(abstract_boxed)
+    mesh_specs = nn.logical_to_mesh(specs, rules)
+    shapes = nn.unbox(abstract_boxed)
+    return jax.tree.map(
+        lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)),
+        mesh_specs,
+        shapes,
+        is_leaf=lambda s: isinstance(s, PartitionSpec),
+    )
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Host-local numpy batch → global jax.Arrays split over the data axes (multi-host safe)."""
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+        for k, v in batch.items()
+    }

@@ -1,0 +1,74 @@
+"""What a task is: everything specific to one kind of training, and nothing else.
+
+The trainer only ever talks to a task through this interface.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxtrain.config import Rule
+
+
+class Task(abc.ABC):
+    """A kind of training. Subclasses set `name` and implement the abstract methods."""
+
+    name: str = ""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+
+    @classmethod
+    @abc.abstractmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        """The full default config (engine defaults + this task's `model` and `data`)."""
+
+    @classmethod
+    def config_rules(cls) -> list[Rule]:
+        """Extra (key, predicate, rule text) checks on the task's own config keys."""
+        return []
+
+    @abc.abstractmethod
+    def init_params(self, rng: jax.Array) -> Any:
+        """Parameters, boxed with logical axis names (`nn.with_logical_partitioning`)."""
+
+    def init_frozen(self, rng: jax.Array) -> Any:
+        """What is not trained but the loss needs (boxed like params). Default: nothing."""
+        return {}
+
+    @abc.abstractmethod
+    def loss_fn(
+        self, params: Any, batch: dict, rng: jax.Array, frozen: Any
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Pure: (scalar loss, scalar metrics). Jitted by the trainer over the global batch."""
+
+    @abc.abstractmethod
+    def train_iterator(
+        self, *, seed: int, batch_size: int, process_index: int, process_count: int
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Endless iterator of host-local batches (`batch_size` is per host). It must have
+        `get_state()` / `set_state()` (a grain iterator) so a resumed run sees the same data."""
+
+    @abc.abstractmethod
+    def eval_batches(
+        self, *, batch_size: int, process_index: int, process_count: int
+    ) -> Iterable[dict[str, np.ndarray]]:
+        """Host-local eval batches, every one full (pad the last)."""
+
+    @abc.abstractmethod
+    def eval_step(self, params: Any, batch: dict, frozen: Any) -> Any:
+        """Pure, jitted: per-example outputs for a global eval batch (leading batch axis)."""
+
+    @abc.abstractmethod
+    def eval_metrics(self, outputs: Any) -> dict[str, float]:
+        """Host side: metrics from the concatenated outputs of all eval batches."""
+
+    def model_flops_per_example(self) -> float:
+        """Forward+backward FLOPs per training example (for MFU); 0 = use XLA's count."""
+        return 0.0

@@ -1,0 +1,411 @@
+"""The task-agnostic trainer: mesh, optimizer, sharded state, the jitted step, and the loop.
+
+    trainer = Trainer(config, workdir)      # validates the config, builds mesh/optimizer/steps
+    result = trainer.train()                # resumes from the workdir's latest checkpoint
+
+The loop never syncs with the device between log steps: per-step metrics stay on device until
+`train.log_every` steps have run, then are fetched together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from jaxtrain import mesh as mesh_lib
+from jaxtrain.checkpoint import Checkpointer
+from jaxtrain.config import ConfigError, check_divisibility, validate
+from jaxtrain.optim import build_optimizer
+from jaxtrain.state import TrainState
+from jaxtrain.step import make_train_step
+from jaxtrain.tasks import Task, get_task
+from jaxtrain.writers import MetricWriter, ProgressBar
+
+# Dense bf16 peak TFLOP/s per device, for MFU. Override with config.train.peak_tflops.
+PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "tpu v4": 275.0, "tpu v5 lite": 197.0,
+               "tpu v5p": 459.0, "tpu v6": 918.0}
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or gradients became NaN/Inf and `train.nonfinite='error'`."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a run returns. `loss_history` holds (step, loss) for every step this call ran;
+    `metrics` every record of `metrics.jsonl` (earlier runs in the workdir included)."""
+
+    workdir: str
+    final_step: int
+    loss_history: list[tuple[int, float]]
+    metrics: list[dict[str, float]]
+    best_step: int | None
+    best_metric: float | None
+    checkpoint_paths: list[str]
+    final_state: TrainState
+    stopped_early: bool = False
+    preempted: bool = False
+
+    @property
+    def eval_history(self) -> list[dict[str, float]]:
+        return [m for m in self.metrics if any(k.startswith("eval/") for k in m)]
+
+    def table(self) -> str:
+        """The eval metrics as a plain-text table, one row per evaluation."""
+        rows = self.eval_history
+        if not rows:
+            return "(no evaluations)"
+        keys = ["step"] + sorted({k for r in rows for k in r if k.startswith("eval/")})
+        width = [max(len(k), 8) for k in keys]
+        lines = ["  ".join(k.rjust(w) for k, w in zip(keys, width, strict=True))]
+        for r in rows:
+            cells = [f"{r.get(k, float('nan')):.4g}" if k != "step" else str(r[k]) for k in keys]
+            lines.append("  ".join(c.rjust(w) for c, w in zip(cells, width, strict=True)))
+        return "\n".join(lines)
+
+
+def _improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    if best is None:
+        return True
+    return value > best + min_delta if mode == "max" else value < best - min_delta
+
+
+def _check_workdir(workdir: str) -> None:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write-test-{jax.process_index()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(
+            f"The workdir {workdir!r} is not writable ({e.strerror}). Choose another --workdir."
+        ) from e
+
+
+class Trainer:
+    """Builds everything a run needs from a config; `train()` runs (or resumes) it."""
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        workdir: str | None = None,
+        *,
+        task: type[Task] | None = None,
+        devices: list[jax.Device] | None = None,
+    ):
+        task_cls = task or get_task(config.task)
+        validate(config, task_cls.default_config(), task_cls.config_rules())
+        self.config = config
+        self.workdir = os.path.abspath(workdir or os.path.join("runs", config.task or "run"))
+        self.mesh = mesh_lib.make_mesh(config.mesh, devices)
+        check_divisibility(config, mesh_lib.data_parallel_size(self.mesh))
+        self.task = task_cls(config)
+        self.tx, self.schedule = build_optimizer(config.optim, config.train.steps)
+        self._build_state_shardings()
+        self._train_step_fn = make_train_step(
+            self.task.loss_fn, self.tx, self.schedule,
+            accum_steps=config.train.accum_steps, mesh=self.mesh,
+        )
+        self._compiled_step = None
+        self._eval_step = jax.jit(self.task.eval_step)
+        self._preempted = False
+        self.flops_per_step = 0.0
+
+    # ------------------------------------------------------------------ state
+
+    def _keys(self):
+        base = jax.random.PRNGKey(self.config.seed)
+        return {name: jax.random.fold_in(base, i) for i, name in
+                enumerate(("params", "frozen", "train"))}
+
+    def _init_fn(self, _=None) -> TrainState:
+        keys = self._keys()
+        params = nn.unbox(self.task.init_params(keys["params"]))
+        frozen = nn.unbox(self.task.init_frozen(keys["frozen"]))
+        params = jax.lax.with_sharding_constraint(params, self.param_shardings)
+        frozen = jax.lax.with_sharding_constraint(frozen, self.frozen_shardings)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=self.tx.init(params),
+            rng=keys["train"],
+            frozen=frozen,
+        )
+
+    def _build_state_shardings(self) -> None:
+        keys = self._keys()
+        self.param_shardings = mesh_lib.logical_shardings(
+            jax.eval_shape(self.task.init_params, keys["params"]), self.mesh
+        )
+        self.frozen_shardings = mesh_lib.logical_shardings(
+            jax.eval_shape(self.task.init_frozen, keys["frozen"]), self.mesh
+        )
+        # Optimizer-state shardings: let the compiler propagate them from the params'.
+        with self.mesh:
+            compiled = jax.jit(self._init_fn).lower().compile()
+        rep = mesh_lib.replicated(self.mesh)
+        propagated = compiled.output_shardings
+        self.state_shardings = propagated.replace(
+            step=rep, rng=rep, params=self.param_shardings, frozen=self.frozen_shardings
+        )
+        self.abstract_state = jax.eval_shape(self._init_fn)
+
+    def init_state(self) -> TrainState:
+        """A fresh, sharded train state (the same on every mesh: derived from config.seed)."""
+        with self.mesh:
+            return jax.jit(self._init_fn, out_shardings=self.state_shardings)()
+
+    # ------------------------------------------------------------------ steps
+
+    def _compile_step(self, state: TrainState, batch: dict) -> None:
+        batch_sh = {k: mesh_lib.batch_sharding(self.mesh, v.ndim) for k, v in batch.items()}
+        jitted = jax.jit(
+            self._train_step_fn,
+            in_shardings=(self.state_shardings, batch_sh),
+            out_shardings=(self.state_shardings, mesh_lib.replicated(self.mesh)),
+            donate_argnums=0,
+        )
+        t0 = time.perf_counter()
+        with self.mesh:
+            self._compiled_step = jitted.lower(state, batch).compile()
+        self.compile_seconds = time.perf_counter() - t0
+        cost = self._compiled_step.cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        self.flops_per_step = float((cost or {}).get("flops", 0.0))
+
+    def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        """One jitted, donated step on a global (sharded) batch. Compiled on first use."""
+        if self._compiled_step is None:
+            self._compile_step(state, batch)
+        return self._compiled_step(state, batch)
+
+    def evaluate(self, state: TrainState) -> dict[str, float]:
+        """Run the task's eval over its held-out split; metrics namespaced `eval/...`."""
+        cfg = self.config
+        outputs = []
+        for host_batch in self.task.eval_batches(
+            batch_size=cfg.eval.batch_size // jax.process_count(),
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        ):
+            valid = host_batch.pop("valid")
+            batch = mesh_lib.shard_batch(host_batch, self.mesh)
+            with self.mesh:
+                out = self._eval_step(state.params, batch, state.frozen)
+            out["valid"] = mesh_lib.shard_batch({"valid": valid}, self.mesh)["valid"]
+            outputs.append(out)
+        if jax.process_count() > 1:
+            outputs = multihost_utils.process_allgather(outputs, tiled=True)
+        outputs = jax.device_get(outputs)
+        merged = jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
+        keep = merged.pop("valid").astype(bool)
+        merged = jax.tree.map(lambda x: x[keep], merged)
+        return {f"eval/{k}": float(v) for k, v in self.task.eval_metrics(merged).items()}
+
+    # ------------------------------------------------------------------ loop
+
+    def _peak_tflops(self) -> float:
+        if self.config.train.peak_tflops:
+            return self.config.train.peak_tflops
+        kind = jax.devices()[0].device_kind.lower()
+        return next((v for k, v in PEAK_TFLOPS.items() if k in kind), 0.0)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        logging.warning("SIGTERM received: saving a checkpoint and stopping after this step.")
+        self._preempted = True
+
+    def train(self, stop_at_step: int | None = None) -> TrainResult:
+        """Train to `config.train.steps` (or stop after `stop_at_step`, saving a checkpoint, as
+        a preemption would), resuming from the workdir's latest checkpoint if there is one."""
+        cfg = self.config
+        _check_workdir(self.workdir)
+        ckpt = Checkpointer(
+            os.path.join(self.workdir, "checkpoints"), keep=cfg.checkpoint.keep,
+            best_metric=cfg.checkpoint.best_metric, best_mode=cfg.checkpoint.best_mode,
+            async_save=cfg.checkpoint.async_save,
+        )
+        writer = MetricWriter(self.workdir)
+        pc = jax.process_count()
+        train_iter = self.task.train_iterator(
+            seed=cfg.seed, batch_size=cfg.train.batch_size // pc,
+            process_index=jax.process_index(), process_count=pc,
+        )
+        track = cfg.checkpoint.best_metric or cfg.eval.early_stop_metric
+        track_mode = cfg.checkpoint.best_mode if cfg.checkpoint.best_metric else \
+            cfg.eval.early_stop_mode
+        progress = {"best_step": None, "best_value": None, "es_best": None, "es_bad": 0}
+
+        latest = ckpt.latest_step()
+        if latest is None:
+            state = self.init_state()
+            if jax.process_index() == 0:
+                with open(os.path.join(self.workdir, "config.json"), "w") as f:
+                    f.write(cfg.to_json_best_effort(indent=2))
+        else:
+            logging.info("Resuming from %s", ckpt.step_path(latest))
+            state, meta = ckpt.restore(latest, self.abstract_state, self.state_shardings,
+                                       train_iter)
+            progress.update(meta.get("progress", {}))
+            self._log_config_changes(meta.get("config", {}))
+        start = int(jax.device_get(state.step))
+        records = writer.truncate_after(start)
+
+        total = cfg.train.steps
+        stop = min(total, stop_at_step) if stop_at_step is not None else total
+        eval_every = cfg.eval.every or total
+        ckpt_every = cfg.checkpoint.every or total
+        bar = ProgressBar(total, start, cfg.train.progress_bar)
+        old_handler = signal.signal(signal.SIGTERM, self._on_sigterm) \
+            if _main_thread() else None
+        loss_history: list[tuple[int, float]] = []
+        pending: list[dict] = []
+        stopped_early = False
+        t_last, steps_since = time.perf_counter(), 0
+
+        def make_meta(step: int) -> dict:
+            return {"step": step, "progress": progress, "config": cfg.to_dict(),
+                    "mesh": dict(self.mesh.shape), "process_count": pc}
+
+        try:
+            for step in range(start, stop):
+                batch = mesh_lib.shard_batch(next(train_iter), self.mesh)
+                if self._compiled_step is None:
+                    self._compile_step(state, batch)
+                    writer.write(step, {"perf/compile_seconds": self.compile_seconds,
+                                        "perf/flops_per_step": self.flops_per_step})
+                    t_last = time.perf_counter()
+                state, metrics = self._compiled_step(state, batch)
+                pending.append(metrics)
+                steps_since += 1
+                done = step + 1
+                bar.update(1)
+
+                if done % cfg.train.log_every == 0 or done == stop:
+                    host = jax.device_get(pending)
+                    dt = time.perf_counter() - t_last
+                    summary = self._summarize(host, steps_since, dt)
+                    loss_history += [(done - len(host) + i + 1, float(m["loss"]))
+                                     for i, m in enumerate(host)]
+                    writer.write(done, summary)
+                    records.append({"step": done, **summary})
+                    bar.update(0, loss=summary["train/loss"], lr=summary["train/lr"],
+                               samples_s=summary["perf/samples_per_second"])
+                    bad = [done - len(host) + i + 1 for i, m in enumerate(host)
+                           if m["nonfinite"]]
+                    if bad and cfg.train.nonfinite == "error":
+                        raise NonFiniteError(
+                            f"Non-finite loss or gradients at step(s) {bad[:10]} (updates were "
+                            "not applied; the last checkpoint is intact). Lower optim.lr, set "
+                            "optim.clip_norm, or set train.nonfinite='skip' to skip such steps."
+                        )
+                    pending, steps_since = [], 0
+                    t_last = time.perf_counter()
+
+                eval_metrics = None
+                if done % eval_every == 0 or done == total:
+                    eval_metrics = self.evaluate(state)
+                    writer.write(done, eval_metrics)
+                    records.append({"step": done, **eval_metrics})
+                    if track and track not in eval_metrics:
+                        raise ConfigError(
+                            f"Metric {track!r} (checkpoint.best_metric/eval.early_stop_metric) "
+                            f"is not produced by this task; available: {sorted(eval_metrics)}."
+                        )
+                    if track and _improved(eval_metrics[track], progress["best_value"],
+                                           track_mode):
+                        progress["best_value"] = eval_metrics[track]
+                        progress["best_step"] = done
+                    es = cfg.eval.early_stop_metric
+                    if es:
+                        if _improved(eval_metrics[es], progress["es_best"],
+                                     cfg.eval.early_stop_mode, cfg.eval.min_delta):
+                            progress["es_best"], progress["es_bad"] = eval_metrics[es], 0
+                        else:
+                            progress["es_bad"] += 1
+                        stopped_early = progress["es_bad"] >= cfg.eval.patience
+                        if stopped_early:
+                            logging.info("Early stopping at step %d: %s did not improve for %d "
+                                         "evaluations.", done, es, cfg.eval.patience)
+
+                last = done == stop or stopped_early or self._preempted_everywhere()
+                new_best = progress["best_step"] == done and eval_metrics is not None
+                if done % ckpt_every == 0 or last or (cfg.checkpoint.best_metric and new_best):
+                    ckpt.save(done, state, train_iter, make_meta(done), eval_metrics)
+                if last:
+                    break
+        finally:
+            bar.close()
+            ckpt.close()
+            writer.close()
+            if old_handler is not None:
+                signal.signal(signal.SIGTERM, old_handler)
+
+        final_step = int(jax.device_get(state.step))
+        return TrainResult(
+            workdir=self.workdir,
+            final_step=final_step,
+            loss_history=loss_history,
+            metrics=records,
+            best_step=progress["best_step"],
+            best_metric=progress["best_value"],
+            checkpoint_paths=[ckpt.step_path(s) for s in ckpt.all_steps()],
+            final_state=state,
+            stopped_early=stopped_early,
+            preempted=self._preempted,
+        )
+
+    def _preempted_everywhere(self) -> bool:
+        if jax.process_count() == 1:
+            return self._preempted
+        flags = multihost_utils.process_allgather(np.asarray(self._preempted))
+        return bool(np.any(flags))
+
+    def _summarize(self, host: list[dict], steps: int, seconds: float) -> dict[str, float]:
+        out = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]
+               if k != "nonfinite"}
+        out["train/nonfinite_steps"] = float(sum(int(m["nonfinite"]) for m in host))
+        sps = steps / max(seconds, 1e-9)
+        out["perf/steps_per_second"] = sps
+        out["perf/samples_per_second"] = sps * self.config.train.batch_size
+        if self.flops_per_step:
+            tflops = self.flops_per_step * sps / 1e12
+            out["perf/tflops_per_device"] = tflops
+            peak = self._peak_tflops()
+            if peak:
+                out["perf/mfu"] = tflops / peak
+        return out
+
+    def _log_config_changes(self, saved: dict) -> None:
+        now = self.config.to_dict()
+        flat = lambda d, p="": {f"{p}{k}": v for kk, vv in d.items() for k, v in
+                                (flat(vv, f"{kk}.").items() if isinstance(vv, dict)
+                                 else [(kk, vv)])}
+        a, b = flat(saved), flat(now)
+        changed = {k: (a.get(k), b.get(k)) for k in set(a) | set(b)
+                   if json.dumps(a.get(k), default=str) != json.dumps(b.get(k), default=str)}
+        for k, (old, new) in sorted(changed.items()):
+            logging.warning("Config differs from the checkpoint's: %s: %r -> %r", k, old, new)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | None = None, **kwargs: Any):
+    """Build a Trainer and run it. Returns a TrainResult."""
+    return Trainer(config, workdir, **kwargs).train()
