@@ -43,7 +43,9 @@ def test_matches_numpy_reference(log_scale: float, max_scale: float) -> None:
     y = 0.7 * x + 0.3 * y  # some structure so accuracies are non-trivial
     y /= np.linalg.norm(y, axis=1, keepdims=True)
     loss, metrics = clip_loss(
-        jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32), jnp.float32(log_scale),
+        jnp.asarray(x, jnp.float32),
+        jnp.asarray(y, jnp.float32),
+        jnp.float32(log_scale),
         max_logit_scale=max_scale,
     )
     ref = _np_clip_loss(x, y, log_scale, max_scale)

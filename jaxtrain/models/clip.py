@@ -96,7 +96,9 @@ class ClipConfig:
                     f"{tower}_heads ({heads})"
                 )
         if self.dtype not in DTYPES:
-            raise ValueError(f"ClipConfig.dtype must be one of {sorted(DTYPES)}; got {self.dtype!r}")
+            raise ValueError(
+                f"ClipConfig.dtype must be one of {sorted(DTYPES)}; got {self.dtype!r}"
+            )
         get_activation(self.activation)
         if self.attention_impl not in (None, "xla", "cudnn"):
             raise ValueError(
@@ -158,9 +160,7 @@ class VisionEmbeddings(nn.Module):
             use_bias=False,
             dtype=dtype,
             param_dtype=jnp.float32,
-            kernel_init=partitioned(
-                nn.initializers.lecun_normal(), (None, None, "patch", "embed")
-            ),
+            kernel_init=partitioned(nn.initializers.lecun_normal(), (None, None, "patch", "embed")),
             name="patch_embedding",
         )(images.astype(dtype))
         batch = x.shape[0]
