@@ -20,15 +20,15 @@ def get_config(arg: str | None = None):
     c.model.update(dict(image_size=32, patch_size=8, vision_width=96, vision_layers=3,
                         vision_heads=4, text_width=96, text_layers=3, text_heads=4, embed_dim=64))
     c.train.batch_size = 128
-    c.train.steps = 1200
+    c.train.steps = 600
     c.train.log_every = 50
     c.optim.lr = 2e-3
     c.optim.weight_decay = 0.05
     c.optim.warmup_steps = 100
     c.optim.schedule = "cosine"
-    c.eval.every = 300
+    c.eval.every = 200
     c.eval.batch_size = 120
-    c.checkpoint.every = 300
+    c.checkpoint.every = 200
     c.checkpoint.keep = 2
     c.checkpoint.best_metric = "eval/mean_recall@1"
 

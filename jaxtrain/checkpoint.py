@@ -115,9 +115,10 @@ class Checkpointer:
         """Raise CheckpointMismatchError naming the first differences, before Orbax does."""
         saved = self.manager.item_metadata(step)["state"]
         want, got = _shapes(_state_dict(target)), _shapes(saved)
-        missing = sorted(set(want) - set(got))
-        extra = sorted(set(got) - set(want))
-        differ = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+        params_first = lambda k: (not k.startswith("params/"), k)
+        missing = sorted(set(want) - set(got), key=params_first)
+        extra = sorted(set(got) - set(want), key=params_first)
+        differ = sorted((k for k in set(want) & set(got) if want[k] != got[k]), key=params_first)
         if missing or extra or differ:
             lines = [f"  shape {k}: checkpoint {got[k]} vs model {want[k]}" for k in differ[:5]]
             lines += [f"  only in the model: {k}" for k in missing[:5]]

@@ -154,10 +154,9 @@ class Trainer:
             jax.eval_shape(self.task.init_frozen, keys["frozen"]), self.mesh
         )
         # Optimizer-state shardings: let the compiler propagate them from the params'.
-        with self.mesh:
-            compiled = jax.jit(self._init_fn).lower().compile()
+        self._compiled_init = jax.jit(self._init_fn).lower().compile()
         rep = mesh_lib.replicated(self.mesh)
-        propagated = compiled.output_shardings
+        propagated = self._compiled_init.output_shardings
         self.state_shardings = propagated.replace(
             step=rep, rng=rep, params=self.param_shardings, frozen=self.frozen_shardings
         )
@@ -165,8 +164,7 @@ class Trainer:
 
     def init_state(self) -> TrainState:
         """A fresh, sharded train state (the same on every mesh: derived from config.seed)."""
-        with self.mesh:
-            return jax.jit(self._init_fn, out_shardings=self.state_shardings)()
+        return jax.device_put(self._compiled_init(), self.state_shardings)
 
     # ------------------------------------------------------------------ steps
 
@@ -179,8 +177,7 @@ class Trainer:
             donate_argnums=0,
         )
         t0 = time.perf_counter()
-        with self.mesh:
-            self._compiled_step = jitted.lower(state, batch).compile()
+        self._compiled_step = jitted.lower(state, batch).compile()
         self.compile_seconds = time.perf_counter() - t0
         cost = self._compiled_step.cost_analysis()
         cost = cost[0] if isinstance(cost, list | tuple) else cost
@@ -203,8 +200,7 @@ class Trainer:
         ):
             valid = host_batch.pop("valid")
             batch = mesh_lib.shard_batch(host_batch, self.mesh)
-            with self.mesh:
-                out = self._eval_step(state.params, batch, state.frozen)
+            out = self._eval_step(state.params, batch, state.frozen)
             out["valid"] = mesh_lib.shard_batch({"valid": valid}, self.mesh)["valid"]
             outputs.append(out)
         if jax.process_count() > 1:

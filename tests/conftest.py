@@ -3,7 +3,11 @@
 import os
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Compile at XLA:CPU optimisation level 0: tests need correct numerics, not fast kernels,
+# and compiling dominates their time on 2 cores.
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="jaxtrain-hf-"))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

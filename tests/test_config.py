@@ -60,9 +60,9 @@ def test_impossible_values(key, value, pattern):
 
 
 def test_wrong_type_names_key():
-    c = toy_task.config()
-    with c.unlocked():
-        c.train.steps = "ten"
+    d = toy_task.config().to_dict()
+    d["train"]["steps"] = "ten"  # e.g. a config built from a dict or JSON
+    c = ml_collections.ConfigDict(d)
     with pytest.raises(ConfigError, match=r"'train\.steps' must be int.*got str 'ten'"):
         validate(c, toy_task.RegressionTask.default_config())
 

@@ -46,7 +46,7 @@ def one_step(trainer, host_batch):
 
 def test_clip_step_on_8_devices_equals_1_device():
     cfg = clip_config()
-    cfg.mesh.fsdp, cfg.mesh.data = 2, -1  # exercise parameter sharding too
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2  # batch, FSDP and tensor sharding
     t8 = Trainer(cfg)
     t1 = Trainer(clip_config(), devices=jax.devices()[:1])
     assert t8.mesh.devices.size == 8 and t1.mesh.devices.size == 1
@@ -55,7 +55,8 @@ def test_clip_step_on_8_devices_equals_1_device():
     s1, m1 = one_step(t1, batch)
     # parameters really are split over the fsdp axis on 8 devices
     kernel = s8.params["text_model"]["encoder"]["layers_0"]["mlp"]["fc1"]["kernel"]
-    assert len({tuple(s.index) for s in kernel.addressable_shards}) > 1, kernel.sharding
+    assert kernel.sharding.spec == ("fsdp", "tensor"), kernel.sharding
+    assert len({str(s.index) for s in kernel.addressable_shards}) == 4
     np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
     np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-4)
     assert_trees_close(s8.params, s1.params, rtol=1e-4, atol=1e-6)
@@ -127,7 +128,7 @@ def test_rotation_keeps_latest_and_best(tmp_path):
 def test_incompatible_checkpoint_is_a_clear_error(tmp_path):
     Trainer(toy_task.config(train__steps=2, checkpoint__every=2), tmp_path).train()
     wider = Trainer(toy_task.config(model__hidden=32, train__steps=4), tmp_path)
-    with pytest.raises(CheckpointMismatchError, match=r"does not fit.*shape .*kernel.*new --workdir"):
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)does not fit.*shape params/Dense_0/bias: checkpoint \(16,\) vs model \(32,\).*new --workdir"):
         wider.train()
 
 
@@ -153,3 +154,12 @@ def test_nonfinite_error_mode_names_the_step(tmp_path):
     trainer = Trainer(toy_task.config(data__nan=True, train__nonfinite="error"), tmp_path)
     with pytest.raises(NonFiniteError, match=r"step\(s\) \[1, 2\]"):
         trainer.train()
+
+
+def test_frozen_group_is_not_updated_and_lr_multiplier_applies(tmp_path):
+    cfg = toy_task.config(optim__param_groups=(("Dense_0/.*", 0.0),), train__steps=4)
+    trainer = Trainer(cfg, tmp_path)
+    init = jax.device_get(trainer.init_state().params)
+    final = jax.device_get(trainer.train().final_state.params)
+    assert_trees_close(final["Dense_0"], init["Dense_0"], rtol=0, atol=0)
+    assert not np.allclose(final["Dense_1"]["kernel"], init["Dense_1"]["kernel"])
