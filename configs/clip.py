@@ -14,7 +14,9 @@ def get_config(arg: str | None = None):
     args = dict(kv.partition("=")[::2] for kv in (arg or "").split(",") if kv)
     unknown = set(args) - {"runlocal", "steps"}
     if unknown:
-        raise ValueError(f"Unknown configs/clip.py variant(s) {sorted(unknown)}; valid: runlocal, steps=N.")
+        raise ValueError(
+            f"Unknown configs/clip.py variant(s) {sorted(unknown)}; valid: runlocal, steps=N."
+        )
     c = ClipTask.default_config()
 
     c.model.update(dict(image_size=32, patch_size=8, vision_width=96, vision_layers=3,

@@ -182,9 +182,11 @@ def check_rules(cfg: ml_collections.ConfigDict, rules: Iterable[Rule] = ()) -> N
             raise ConfigError(f"Config key '{path}' {rule}; got {flat[path]!r}.")
     for name, size in cfg.mesh.items():
         if size != -1 and size < 1:
-            raise ConfigError(f"Config key 'mesh.{name}' must be -1 (the rest) or >= 1; got {size}.")
+            raise ConfigError(
+                f"Config key 'mesh.{name}' must be -1 (the rest) or >= 1; got {size}."
+            )
     if sum(1 for s in cfg.mesh.values() if s == -1) > 1:
-        raise ConfigError("At most one mesh axis may be -1 ('the rest'); got " f"{dict(cfg.mesh)}.")
+        raise ConfigError(f"At most one mesh axis may be -1 ('the rest'); got {dict(cfg.mesh)}.")
     if cfg.optim.warmup_steps > 0 and cfg.optim.warmup_ratio > 0:
         raise ConfigError("Set optim.warmup_steps or optim.warmup_ratio, not both.")
     if cfg.optim.warmup_steps >= cfg.train.steps:

@@ -336,7 +336,8 @@ class Trainer:
                             logging.info("Early stopping at step %d: %s did not improve for %d "
                                          "evaluations.", done, es, cfg.eval.patience)
 
-                last = done == stop or stopped_early or self._preempted_everywhere()
+                log_step = done % cfg.train.log_every == 0
+                last = done == stop or stopped_early or self._preempted_everywhere(log_step)
                 new_best = progress["best_step"] == done and eval_metrics is not None
                 if done % ckpt_every == 0 or last or (cfg.checkpoint.best_metric and new_best):
                     ckpt.save(done, state, train_iter, make_meta(done), eval_metrics)
@@ -363,9 +364,12 @@ class Trainer:
             preempted=self._preempted,
         )
 
-    def _preempted_everywhere(self) -> bool:
+    def _preempted_everywhere(self, may_sync: bool) -> bool:
+        """SIGTERM seen by any process. Multi-host, this needs a collective: only at log steps."""
         if jax.process_count() == 1:
             return self._preempted
+        if not may_sync:
+            return False
         flags = multihost_utils.process_allgather(np.asarray(self._preempted))
         return bool(np.any(flags))
 

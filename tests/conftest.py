@@ -15,4 +15,4 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
-assert jax.device_count() == 8, "tests expect 8 simulated CPU devices; import jax only after conftest"
+assert jax.device_count() == 8, "tests expect 8 CPU devices: import jax only after conftest"

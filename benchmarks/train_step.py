@@ -1,0 +1,62 @@
+"""Throughput and compiled cost of a config's train step (any task), without writing a run.
+
+    python benchmarks/train_step.py --config=configs/clip.py --steps=50
+    python benchmarks/train_step.py --config=configs/clip.py:runlocal --config.train.batch_size=256
+
+Prints one JSON line: compile seconds, steps/s, samples/s, XLA's FLOPs per step and the compiled
+memory analysis (argument/output/temp bytes per device), and the device kind. The timed steps
+run after one warm-up step; the clock stops on a blocking fetch of the last step's loss.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxtrain.mesh import shard_batch
+from jaxtrain.trainer import Trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
+
+
+def main(argv) -> None:
+    del argv
+    config = _CONFIG.value
+    trainer = Trainer(config, workdir="/tmp/jaxtrain-benchmark")
+    it = trainer.task.train_iterator(seed=config.seed, batch_size=config.train.batch_size,
+                                     process_index=0, process_count=1)
+    batches = [shard_batch(next(it), trainer.mesh) for _ in range(min(_STEPS.value, 8))]
+    state = trainer.init_state()
+    state, metrics = trainer.train_step(state, batches[0])  # compiles
+    jax.block_until_ready(metrics)
+    memory = trainer._compiled_step.memory_analysis()
+    t0 = time.perf_counter()
+    for i in range(_STEPS.value):
+        state, metrics = trainer.train_step(state, batches[i % len(batches)])
+    float(metrics["loss"])
+    seconds = time.perf_counter() - t0
+    sps = _STEPS.value / seconds
+    print(json.dumps({
+        "config": flags.FLAGS["config"].config_filename,
+        "device": jax.devices()[0].device_kind,
+        "devices": jax.device_count(),
+        "batch_size": config.train.batch_size,
+        "compile_seconds": round(trainer.compile_seconds, 2),
+        "steps_per_second": round(sps, 3),
+        "samples_per_second": round(sps * config.train.batch_size, 1),
+        "flops_per_step": trainer.flops_per_step,
+        "tflops_per_second": round(trainer.flops_per_step * sps / 1e12, 4),
+        "memory_bytes": {k: getattr(memory, k, None) for k in (
+            "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+            "generated_code_size_in_bytes")},
+    }))
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
