@@ -29,34 +29,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxtrain.config import OPTIMIZERS, SCHEDULES, base_config
+
 PyTree = Any
 
-OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
-SCHEDULES = ("constant", "linear", "cosine", "cosine_restarts", "wsd", "rsqrt")
 
-# Defaults of the ``optim`` config section (the config module defines the same values); used only
-# when a field is missing from the config object handed in.
-DEFAULTS: dict[str, Any] = {
-    "name": "adamw",
-    "lr": 1e-3,
-    "b1": 0.9,
-    "b2": 0.999,
-    "eps": 1e-8,
-    "momentum": 0.9,
-    "nesterov": False,
-    "weight_decay": 0.0,
-    "wd_exclude": r"(bias|scale|norm|embed|pos_emb|logit_scale)",
-    "clip_norm": 1.0,
-    "schedule": "cosine",
-    "warmup_steps": 0,
-    "warmup_ratio": 0.0,
-    "min_lr_ratio": 0.0,
-    "num_cycles": 2,
-    "decay_ratio": 0.2,
-    "rsqrt_timescale": 0,
-    "param_groups": (),
-}
 
+_DEFAULTS = base_config().optim
 FROZEN_LABEL = "frozen"
 DEFAULT_LABEL = "default"
 
@@ -67,8 +46,8 @@ DEFAULT_LABEL = "default"
 
 
 def _get(cfg: Any, key: str) -> Any:
-    """``cfg.<key>``, falling back to :data:`DEFAULTS` when the field is absent."""
-    return getattr(cfg, key, DEFAULTS[key])
+    """``cfg.<key>``, falling back to the engine default (``base_config().optim``)."""
+    return getattr(cfg, key, _DEFAULTS[key])
 
 
 def _invalid(key: str, value: Any, fix: str) -> ValueError:

@@ -11,10 +11,11 @@ import pytest
 from flax.core import FrozenDict
 
 from jaxtrain import optim
+from jaxtrain.config import base_config
 
 
 def make_cfg(**overrides) -> ml_collections.ConfigDict:
-    cfg = ml_collections.ConfigDict(dict(optim.DEFAULTS))
+    cfg = ml_collections.ConfigDict(base_config().optim.to_dict())
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
