@@ -82,6 +82,47 @@ def _improved(value: float, best: float | None, mode: str, min_delta: float = 0.
     return value > best + min_delta if mode == "max" else value < best - min_delta
 
 
+@dataclasses.dataclass
+class Progress:
+    """Best-metric and early-stopping bookkeeping, saved in every checkpoint's JSON.
+
+    The best is tracked by `checkpoint.best_metric` (else `eval.early_stop_metric`); early
+    stopping counts evaluations whose `early_stop_metric` did not beat the best by `min_delta`.
+    """
+
+    best_step: int | None = None
+    best_value: float | None = None
+    es_best: float | None = None
+    es_bad: int = 0
+
+    def update(self, step: int, metrics: dict[str, float], cfg) -> bool:
+        """Record one evaluation; True when early stopping says stop."""
+        track = cfg.checkpoint.best_metric or cfg.eval.early_stop_metric
+        for key in {cfg.checkpoint.best_metric, cfg.eval.early_stop_metric} - {""}:
+            if key not in metrics:
+                raise ConfigError(
+                    f"Metric {key!r} (checkpoint.best_metric / eval.early_stop_metric) is not "
+                    f"produced by this task; available: {sorted(metrics)}."
+                )
+        if track:
+            mode = cfg.checkpoint.best_mode if cfg.checkpoint.best_metric else \
+                cfg.eval.early_stop_mode
+            if _improved(metrics[track], self.best_value, mode):
+                self.best_step, self.best_value = step, metrics[track]
+        es = cfg.eval.early_stop_metric
+        if not es:
+            return False
+        if _improved(metrics[es], self.es_best, cfg.eval.early_stop_mode, cfg.eval.min_delta):
+            self.es_best, self.es_bad = metrics[es], 0
+        else:
+            self.es_bad += 1
+        if self.es_bad >= cfg.eval.patience:
+            logging.info("Early stopping at step %d: %s did not improve for %d evaluations.",
+                         step, es, cfg.eval.patience)
+            return True
+        return False
+
+
 def _check_workdir(workdir: str) -> None:
     try:
         os.makedirs(workdir, exist_ok=True)
@@ -239,10 +280,7 @@ class Trainer:
             seed=cfg.seed, batch_size=cfg.train.batch_size // pc,
             process_index=jax.process_index(), process_count=pc,
         )
-        track = cfg.checkpoint.best_metric or cfg.eval.early_stop_metric
-        track_mode = cfg.checkpoint.best_mode if cfg.checkpoint.best_metric else \
-            cfg.eval.early_stop_mode
-        progress = {"best_step": None, "best_value": None, "es_best": None, "es_bad": 0}
+        progress = Progress()
 
         latest = ckpt.latest_step()
         if latest is None:
@@ -254,7 +292,7 @@ class Trainer:
             logging.info("Resuming from %s", ckpt.step_path(latest))
             state, meta = ckpt.restore(latest, self.abstract_state, self.state_shardings,
                                        train_iter)
-            progress.update(meta.get("progress", {}))
+            progress = Progress(**meta.get("progress", {}))
             self._log_config_changes(meta.get("config", {}))
         start = int(jax.device_get(state.step))
         records = writer.truncate_after(start)
@@ -272,7 +310,8 @@ class Trainer:
         t_last, steps_since = time.perf_counter(), 0
 
         def make_meta(step: int) -> dict:
-            return {"step": step, "progress": progress, "config": cfg.to_dict(),
+            return {"step": step, "progress": dataclasses.asdict(progress),
+                    "config": cfg.to_dict(),
                     "mesh": dict(self.mesh.shape), "process_count": pc}
 
         try:
@@ -315,30 +354,11 @@ class Trainer:
                     eval_metrics = self.evaluate(state)
                     writer.write(done, eval_metrics)
                     records.append({"step": done, **eval_metrics})
-                    if track and track not in eval_metrics:
-                        raise ConfigError(
-                            f"Metric {track!r} (checkpoint.best_metric/eval.early_stop_metric) "
-                            f"is not produced by this task; available: {sorted(eval_metrics)}."
-                        )
-                    if track and _improved(eval_metrics[track], progress["best_value"],
-                                           track_mode):
-                        progress["best_value"] = eval_metrics[track]
-                        progress["best_step"] = done
-                    es = cfg.eval.early_stop_metric
-                    if es:
-                        if _improved(eval_metrics[es], progress["es_best"],
-                                     cfg.eval.early_stop_mode, cfg.eval.min_delta):
-                            progress["es_best"], progress["es_bad"] = eval_metrics[es], 0
-                        else:
-                            progress["es_bad"] += 1
-                        stopped_early = progress["es_bad"] >= cfg.eval.patience
-                        if stopped_early:
-                            logging.info("Early stopping at step %d: %s did not improve for %d "
-                                         "evaluations.", done, es, cfg.eval.patience)
+                    stopped_early = progress.update(done, eval_metrics, cfg)
 
                 log_step = done % cfg.train.log_every == 0
                 last = done == stop or stopped_early or self._preempted_everywhere(log_step)
-                new_best = progress["best_step"] == done and eval_metrics is not None
+                new_best = progress.best_step == done and eval_metrics is not None
                 if done % ckpt_every == 0 or last or (cfg.checkpoint.best_metric and new_best):
                     ckpt.save(done, state, train_iter, make_meta(done), eval_metrics)
                 if last:
@@ -356,8 +376,8 @@ class Trainer:
             final_step=final_step,
             loss_history=loss_history,
             metrics=records,
-            best_step=progress["best_step"],
-            best_metric=progress["best_value"],
+            best_step=progress.best_step,
+            best_metric=progress.best_value,
             checkpoint_paths=[ckpt.step_path(s) for s in ckpt.all_steps()],
             final_state=state,
             stopped_early=stopped_early,
