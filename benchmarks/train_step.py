@@ -22,6 +22,7 @@ from jaxtrain.trainer import Trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
+_SYNC = flags.DEFINE_bool("sync", False, "Block on every step (CPU: avoids queueing overhead).")
 
 
 def main(argv) -> None:
@@ -38,6 +39,8 @@ def main(argv) -> None:
     t0 = time.perf_counter()
     for i in range(_STEPS.value):
         state, metrics = trainer.train_step(state, batches[i % len(batches)])
+        if _SYNC.value:
+            jax.block_until_ready(metrics)
     float(metrics["loss"])
     seconds = time.perf_counter() - t0
     sps = _STEPS.value / seconds
