@@ -172,7 +172,7 @@ class Trainer:
         return {name: jax.random.fold_in(base, i) for i, name in
                 enumerate(("params", "frozen", "train"))}
 
-    def _init_fn(self, _=None) -> TrainState:
+    def _init_fn(self) -> TrainState:
         keys = self._keys()
         params = nn.unbox(self.task.init_params(keys["params"]))
         frozen = nn.unbox(self.task.init_frozen(keys["frozen"]))
