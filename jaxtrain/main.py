@@ -22,6 +22,18 @@ _WORKDIR = flags.DEFINE_string(
     "Default: runs/<config file name>."
 )
 
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for multi-process runs outside "
+    "TPU pods / SLURM (where JAX finds it itself)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, N).")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Call jax.distributed.initialize: 'auto' = when the flags above are given or a cluster "
+    "(SLURM with several tasks, a TPU pod) is detected.",
+)
+
 EXIT_PREEMPTED = 42  # a checkpoint was saved after SIGTERM; re-run the same command to resume
 
 
@@ -30,9 +42,43 @@ def _default_workdir() -> str:
     return os.path.join("runs", os.path.splitext(os.path.basename(path))[0])
 
 
+def _in_cluster() -> bool:
+    env = os.environ
+    slurm = int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in env
+    tpu_pod = len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
+    return slurm or tpu_pod
+
+
+def init_distributed() -> None:
+    """`jax.distributed.initialize` for multi-process runs; must precede any other JAX call."""
+    import jax
+
+    explicit = _COORDINATOR.value is not None or _NUM_PROCESSES.value is not None
+    if _DISTRIBUTED.value == "off" or (
+        _DISTRIBUTED.value == "auto" and not explicit and not _in_cluster()
+    ):
+        return
+    if explicit and None in (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value):
+        raise app.UsageError(
+            "A multi-process run needs all of --coordinator_address, --num_processes and "
+            "--process_id (or none of them on TPU pods / SLURM, where JAX detects them)."
+        )
+    jax.distributed.initialize(
+        coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+    )
+    if jax.process_index() != 0:
+        logging.set_verbosity(logging.WARNING)  # one process logs
+    logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count())
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    init_distributed()
     from jaxtrain.trainer import Trainer  # after flag parsing: keeps --help fast
 
     config = _CONFIG.value

@@ -17,18 +17,21 @@ def train_iterator(
     process_index: int = 0,
     process_count: int = 1,
 ) -> grain.DatasetIterator:
-    """Endless, reshuffled-every-epoch batches of this host's share of `source`.
+    """Endless, reshuffled-every-epoch batches of this host's rows of each global batch.
 
-    Host h reads rows h, h+P, h+2P, ...; `batch_size` is per host. The iterator's
-    `get_state()/set_state()` make a resumed run see exactly the batches it would have seen.
+    The global stream is `source` shuffled (a new order every epoch) and cut into global batches
+    of `batch_size * process_count` rows; host h reads only rows [h*B, (h+1)*B) of each, so the
+    global batch is the same whatever the number of hosts, and so is a run's data order.
+    The iterator's `get_state()/set_state()` make a resumed run see exactly the batches it would
+    have seen; its position counts global batches, so it means the same on any number of hosts.
     """
-    if len(source) // process_count < batch_size:
+    if len(source) < batch_size * process_count:
         raise ValueError(
-            f"Per-host batch size {batch_size} is larger than this host's share of the data "
-            f"({len(source)} rows / {process_count} hosts): use a smaller batch or more data."
+            f"The global batch ({batch_size} x {process_count} hosts) is larger than the data "
+            f"({len(source)} rows): use a smaller batch or more data."
         )
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    ds = ds.seed(seed).shuffle().repeat(None).batch(batch_size, drop_remainder=True)
+    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
+    ds = ds.batch(batch_size, drop_remainder=True)[process_index::process_count]
     return iter(ds)
 
 
