@@ -6,12 +6,14 @@ explicit target shardings, so a checkpoint written on 8 devices restores on 1 an
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from jaxtrain.state import TrainState
@@ -133,21 +135,32 @@ class Checkpointer:
     def restore(
         self, step: int, target: TrainState, target_shardings: TrainState, data_iterator: Any
     ) -> tuple[TrainState, dict]:
-        """Restore `step` onto `target_shardings`; `data_iterator` is set in place."""
+        """Restore `step` onto `target_shardings`; `data_iterator` is set in place.
+
+        Every process saved its own iterator state. Restored with another number of processes,
+        each takes process 0's: jaxtrain's iterators count global batches, so the position is
+        the same whatever the host count.
+        """
         self.check_compatible(step, target)
         abstract = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
             _state_dict(target),
             _state_dict(target_shardings),
         )
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract),
-                data=grain.checkpoint.CheckpointRestore(data_iterator),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
+        saved_processes = self.restore_meta(step).get("process_count", 1)
+        same_processes = saved_processes == jax.process_count()
+        items = {"state": ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}
+        if same_processes:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if not same_processes:
+            name = f"process_0-of-{saved_processes}.json"
+            path = os.path.join(self.step_path(step), "data", name)
+            with open(path) as f:
+                data_iterator.set_state(json.load(f))
+            logging.warning("Checkpoint written by %d processes, restored by %d: every process "
+                            "resumes from process 0's data position.", saved_processes,
+                            jax.process_count())
         return TrainState(**restored["state"]), restored["meta"]
 
     def restore_meta(self, step: int) -> dict:

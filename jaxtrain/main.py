@@ -34,6 +34,7 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "(SLURM with several tasks, a TPU pod) is detected.",
 )
 
+EXIT_BAD_INPUT = 2  # a config or checkpoint problem; the log line says what to change
 EXIT_PREEMPTED = 42  # a checkpoint was saved after SIGTERM; re-run the same command to resume
 
 
@@ -79,12 +80,19 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     init_distributed()
-    from jaxtrain.trainer import Trainer  # after flag parsing: keeps --help fast
+    # after flag parsing: keeps --help fast
+    from jaxtrain.checkpoint import CheckpointMismatchError
+    from jaxtrain.config import ConfigError
+    from jaxtrain.trainer import Trainer
 
     config = _CONFIG.value
     workdir = _WORKDIR.value or _default_workdir()
     logging.info("jaxtrain: task=%s workdir=%s", config.task, workdir)
-    result = Trainer(config, workdir).train()
+    try:
+        result = Trainer(config, workdir).train()
+    except (ConfigError, CheckpointMismatchError) as e:  # the message says what to fix
+        logging.error("%s: %s", type(e).__name__, e)
+        return EXIT_BAD_INPUT
     logging.info("Finished at step %d. Eval metrics:\n%s", result.final_step, result.table())
     if result.best_step is not None:
         logging.info("Best: step %d, %.4f", result.best_step, result.best_metric)
