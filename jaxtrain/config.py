@@ -37,6 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.steps = 1000
     c.train.accum_steps = 1  # gradient accumulation: the batch is split in this many microbatches
     c.train.nonfinite = "skip"  # NaN/Inf loss or grads: 'skip' the update, or stop with an 'error'
+    c.train.max_nonfinite_streak = 25  # 'skip' mode: stop after this many in a row; 0 = never
     c.train.log_every = 50
     c.train.progress_bar = True
     c.train.peak_tflops = 0.0  # per-device peak for MFU; 0 = look up known accelerators
@@ -150,6 +151,7 @@ _RULES: list[Rule] = [
     ("train.steps", lambda v: v > 0, "must be > 0"),
     ("train.accum_steps", lambda v: v >= 1, "must be >= 1"),
     ("train.nonfinite", lambda v: v in NONFINITE_MODES, f"must be one of {NONFINITE_MODES}"),
+    ("train.max_nonfinite_streak", lambda v: v >= 0, "must be >= 0 (0 = never stop)"),
     ("train.log_every", lambda v: v > 0, "must be > 0"),
     ("train.peak_tflops", lambda v: v >= 0, "must be >= 0"),
     ("optim.name", lambda v: v in OPTIMIZERS, f"must be one of {OPTIMIZERS}"),

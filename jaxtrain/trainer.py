@@ -25,7 +25,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from jaxtrain import mesh as mesh_lib
-from jaxtrain.checkpoint import Checkpointer
+from jaxtrain.checkpoint import Checkpointer, CheckpointMismatchError
 from jaxtrain.config import ConfigError, check_divisibility, validate
 from jaxtrain.optim import build_optimizer
 from jaxtrain.state import TrainState
@@ -260,6 +260,34 @@ class Trainer:
         kind = jax.devices()[0].device_kind.lower()
         return next((v for k, v in PEAK_TFLOPS.items() if k in kind), 0.0)
 
+    def _train_iterator(self):
+        pc = jax.process_count()
+        return self.task.train_iterator(
+            seed=self.config.seed, batch_size=self.config.train.batch_size // pc,
+            process_index=jax.process_index(), process_count=pc,
+        )
+
+    def _restore_latest(self, ckpt: Checkpointer):
+        """(state, data iterator, meta) from the newest readable checkpoint, or None.
+
+        A checkpoint that cannot be read (a partial or corrupt directory) is skipped with a
+        warning and the one before it is tried; one that does not fit the model is an error.
+        """
+        for step in reversed(ckpt.all_steps()):
+            train_iter = self._train_iterator()
+            try:
+                state, meta = ckpt.restore(step, self.abstract_state, self.state_shardings,
+                                           train_iter)
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any read failure means "unusable"
+                logging.warning("Skipping unreadable checkpoint %s (%s: %s); trying the one "
+                                "before it.", ckpt.step_path(step), type(e).__name__, e)
+                continue
+            logging.info("Resuming from %s", ckpt.step_path(step))
+            return state, train_iter, meta
+        return None
+
     def _on_sigterm(self, signum, frame) -> None:
         logging.warning("SIGTERM received: saving a checkpoint and stopping after this step.")
         self._preempted = True
@@ -276,22 +304,15 @@ class Trainer:
         )
         writer = MetricWriter(self.workdir)
         pc = jax.process_count()
-        train_iter = self.task.train_iterator(
-            seed=cfg.seed, batch_size=cfg.train.batch_size // pc,
-            process_index=jax.process_index(), process_count=pc,
-        )
         progress = Progress()
-
-        latest = ckpt.latest_step()
-        if latest is None:
-            state = self.init_state()
+        restored = self._restore_latest(ckpt)
+        if restored is None:
+            state, train_iter = self.init_state(), self._train_iterator()
             if jax.process_index() == 0:
                 with open(os.path.join(self.workdir, "config.json"), "w") as f:
                     f.write(cfg.to_json_best_effort(indent=2))
         else:
-            logging.info("Resuming from %s", ckpt.step_path(latest))
-            state, meta = ckpt.restore(latest, self.abstract_state, self.state_shardings,
-                                       train_iter)
+            state, train_iter, meta = restored
             progress = Progress(**meta.get("progress", {}))
             self._log_config_changes(meta.get("config", {}))
         start = int(jax.device_get(state.step))
@@ -307,7 +328,7 @@ class Trainer:
         loss_history: list[tuple[int, float]] = []
         pending: list[dict] = []
         stopped_early = False
-        t_last, steps_since = time.perf_counter(), 0
+        t_last, steps_since, streak = time.perf_counter(), 0, 0
 
         def make_meta(step: int) -> dict:
             return {"step": step, "progress": dataclasses.asdict(progress),
@@ -338,14 +359,7 @@ class Trainer:
                     records.append({"step": done, **summary})
                     bar.update(0, loss=summary["train/loss"], lr=summary["train/lr"],
                                samples_s=summary["perf/samples_per_second"])
-                    bad = [done - len(host) + i + 1 for i, m in enumerate(host)
-                           if m["nonfinite"]]
-                    if bad and cfg.train.nonfinite == "error":
-                        raise NonFiniteError(
-                            f"Non-finite loss or gradients at step(s) {bad[:10]} (updates were "
-                            "not applied; the last checkpoint is intact). Lower optim.lr, set "
-                            "optim.clip_norm, or set train.nonfinite='skip' to skip such steps."
-                        )
+                    streak = self._check_nonfinite(host, done, streak)
                     pending, steps_since = [], 0
                     t_last = time.perf_counter()
 
@@ -392,6 +406,27 @@ class Trainer:
             return False
         flags = multihost_utils.process_allgather(np.asarray(self._preempted))
         return bool(np.any(flags))
+
+    def _check_nonfinite(self, host: list[dict], done: int, streak: int) -> int:
+        """Raise per `train.nonfinite`; return the run of consecutive skipped steps so far."""
+        cfg = self.config.train
+        bad = [done - len(host) + i + 1 for i, m in enumerate(host) if m["nonfinite"]]
+        if bad and cfg.nonfinite == "error":
+            raise NonFiniteError(
+                f"Non-finite loss or gradients at step(s) {bad[:10]} (updates were not applied; "
+                "the last checkpoint is intact). Lower optim.lr, set optim.clip_norm, or set "
+                "train.nonfinite='skip' to skip such steps."
+            )
+        for m in host:
+            streak = streak + 1 if m["nonfinite"] else 0
+            if cfg.max_nonfinite_streak and streak >= cfg.max_nonfinite_streak:
+                raise NonFiniteError(
+                    f"{streak} consecutive steps up to step {done} had a non-finite loss or "
+                    "gradients and were skipped (train.max_nonfinite_streak="
+                    f"{cfg.max_nonfinite_streak}); stopping. The last checkpoint is intact. "
+                    "Lower optim.lr, check the data, or raise train.max_nonfinite_streak."
+                )
+        return streak
 
     def _summarize(self, host: list[dict], steps: int, seconds: float) -> dict[str, float]:
         out = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]

@@ -143,7 +143,7 @@ def test_early_stopping(tmp_path):
 
 
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
-    trainer = Trainer(toy_task.config(data__nan=True), tmp_path)
+    trainer = Trainer(toy_task.config(data__nan=True, train__max_nonfinite_streak=0), tmp_path)
     init = trainer.init_state()
     result = trainer.train()
     assert_trees_close(result.final_state.params, init.params, rtol=0, atol=0)
@@ -164,3 +164,29 @@ def test_frozen_group_is_not_updated_and_lr_multiplier_applies(tmp_path):
     final = jax.device_get(trainer.train().final_state.params)
     assert_trees_close(final["Dense_0"], init["Dense_0"], rtol=0, atol=0)
     assert not np.allclose(final["Dense_1"]["kernel"], init["Dense_1"]["kernel"])
+
+
+def test_nan_storm_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    good = Trainer(toy_task.config(train__steps=4, checkpoint__every=4), tmp_path).train()
+    storm = Trainer(toy_task.config(data__nan=True, train__steps=20,
+                                    train__max_nonfinite_streak=6), tmp_path)
+    with pytest.raises(NonFiniteError, match=r"6 consecutive steps up to step 10"):
+        storm.train()
+    kept = Checkpointer(str(tmp_path / "checkpoints"))
+    assert kept.all_steps() == [4, 8]  # step 8 saved during the storm: every update skipped
+    it = storm.task.train_iterator(seed=0, batch_size=32, process_index=0, process_count=1)
+    state, _ = kept.restore(8, storm.abstract_state, storm.state_shardings, it)
+    assert_trees_close(state.params, good.final_state.params, rtol=0, atol=0)
+    kept.close()
+
+
+def test_unreadable_checkpoint_is_skipped(tmp_path):
+    full = Trainer(toy_task.config(train__steps=12), tmp_path / "full").train()
+    Trainer(toy_task.config(train__steps=12), tmp_path / "run").train(stop_at_step=8)
+    state_dir = tmp_path / "run" / "checkpoints" / "8" / "state"
+    for f in state_dir.rglob("*"):  # the newest checkpoint's array data is damaged
+        if f.is_file() and "ocdbt" in str(f.relative_to(state_dir)):
+            f.write_bytes(b"garbage")
+    resumed = Trainer(toy_task.config(train__steps=12), tmp_path / "run").train()
+    assert [s for s, _ in resumed.loss_history] == list(range(5, 13))  # restarted from step 4
+    assert_trees_close(resumed.final_state.params, full.final_state.params, rtol=0, atol=0)
