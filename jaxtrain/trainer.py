@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import time
 from typing import Any
@@ -123,7 +124,8 @@ class Progress:
         return False
 
 
-def _check_workdir(workdir: str) -> None:
+def _check_workdir(workdir: str, checkpoint_bytes: int) -> None:
+    """Fail before training if the workdir cannot be written or cannot hold two checkpoints."""
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, f".write-test-{jax.process_index()}")
@@ -134,6 +136,17 @@ def _check_workdir(workdir: str) -> None:
         raise ConfigError(
             f"The workdir {workdir!r} is not writable ({e.strerror}). Choose another --workdir."
         ) from e
+    free = shutil.disk_usage(workdir).free
+    if free < 2 * checkpoint_bytes:
+        raise ConfigError(
+            f"The workdir {workdir!r} has {free / 2**20:.1f} MiB free, less than two checkpoints "
+            f"of this run ({2 * checkpoint_bytes / 2**20:.1f} MiB). Free space or choose "
+            "another --workdir."
+        )
+
+
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint failed (disk full, permissions); the earlier ones are intact."""
 
 
 class Trainer:
@@ -296,7 +309,8 @@ class Trainer:
         """Train to `config.train.steps` (or stop after `stop_at_step`, saving a checkpoint, as
         a preemption would), resuming from the workdir's latest checkpoint if there is one."""
         cfg = self.config
-        _check_workdir(self.workdir)
+        state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.abstract_state))
+        _check_workdir(self.workdir, state_bytes)
         ckpt = Checkpointer(
             os.path.join(self.workdir, "checkpoints"), keep=cfg.checkpoint.keep,
             best_metric=cfg.checkpoint.best_metric, best_mode=cfg.checkpoint.best_mode,
@@ -374,12 +388,12 @@ class Trainer:
                 last = done == stop or stopped_early or self._preempted_everywhere(log_step)
                 new_best = progress.best_step == done and eval_metrics is not None
                 if done % ckpt_every == 0 or last or (cfg.checkpoint.best_metric and new_best):
-                    ckpt.save(done, state, train_iter, make_meta(done), eval_metrics)
+                    self._save(ckpt, done, state, train_iter, make_meta(done), eval_metrics)
                 if last:
                     break
         finally:
             bar.close()
-            ckpt.close()
+            self._save_guard(ckpt, "finishing", ckpt.close)
             writer.close()
             if old_handler is not None:
                 signal.signal(signal.SIGTERM, old_handler)
@@ -406,6 +420,20 @@ class Trainer:
             return False
         flags = multihost_utils.process_allgather(np.asarray(self._preempted))
         return bool(np.any(flags))
+
+    def _save_guard(self, ckpt: Checkpointer, what, fn, *args):
+        try:
+            return fn(*args)
+        except OSError as e:
+            kept = [s for s in ckpt.all_steps() if s != what]
+            raise CheckpointSaveError(
+                f"Writing checkpoint {what} under {ckpt.directory} failed ({e}). The earlier "
+                f"checkpoints {kept} are intact; free space (or fix permissions) and re-run the "
+                "same command to resume from the latest of them."
+            ) from e
+
+    def _save(self, ckpt: Checkpointer, step: int, *args) -> None:
+        self._save_guard(ckpt, step, ckpt.save, step, *args)
 
     def _check_nonfinite(self, host: list[dict], done: int, streak: int) -> int:
         """Raise per `train.nonfinite`; return the run of consecutive skipped steps so far."""

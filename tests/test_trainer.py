@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxtrain import NonFiniteError, Trainer
+from jaxtrain import ConfigError, NonFiniteError, Trainer
 from jaxtrain.checkpoint import Checkpointer, CheckpointMismatchError
 from jaxtrain.mesh import shard_batch
 from tests import toy_task
@@ -190,3 +190,38 @@ def test_unreadable_checkpoint_is_skipped(tmp_path):
     resumed = Trainer(toy_task.config(train__steps=12), tmp_path / "run").train()
     assert [s for s, _ in resumed.loss_history] == list(range(5, 13))  # restarted from step 4
     assert_trees_close(resumed.final_state.params, full.final_state.params, rtol=0, atol=0)
+
+
+def test_disk_full_at_save_is_a_clear_error_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
+    import errno
+
+    from jaxtrain import CheckpointSaveError
+
+    real_save = Checkpointer.save
+
+    def save(self, step, *args, **kwargs):
+        if step == 8:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpointer, "save", save)
+    with pytest.raises(CheckpointSaveError, match=r"checkpoint 8 .*No space.*\[4\] are intact"):
+        Trainer(toy_task.config(), tmp_path).train()
+    monkeypatch.setattr(Checkpointer, "save", real_save)
+    resumed = Trainer(toy_task.config(), tmp_path).train()
+    assert [s for s, _ in resumed.loss_history] == [5, 6, 7, 8]
+
+
+def test_unwritable_or_full_workdir_fails_before_training(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match="is not writable"):
+        Trainer(toy_task.config(), blocker / "run").train()
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**9, 10**9, 100))
+    with pytest.raises(ConfigError, match=r"0\.0 MiB free, less than two checkpoints"):
+        Trainer(toy_task.config(), tmp_path / "run").train()
+    assert not (tmp_path / "run" / "checkpoints").exists()
