@@ -35,6 +35,7 @@ _DISTRIBUTED = flags.DEFINE_enum(
 )
 
 EXIT_BAD_INPUT = 2  # a config or checkpoint problem; the log line says what to change
+EXIT_RUN_FAILED = 3  # NaN storm / NaN in 'error' mode / a checkpoint could not be written
 EXIT_PREEMPTED = 42  # a checkpoint was saved after SIGTERM; re-run the same command to resume
 
 
@@ -83,7 +84,7 @@ def main(argv: list[str]) -> int:
     # after flag parsing: keeps --help fast
     from jaxtrain.checkpoint import CheckpointMismatchError
     from jaxtrain.config import ConfigError
-    from jaxtrain.trainer import Trainer
+    from jaxtrain.trainer import CheckpointSaveError, NonFiniteError, Trainer
 
     config = _CONFIG.value
     workdir = _WORKDIR.value or _default_workdir()
@@ -93,6 +94,9 @@ def main(argv: list[str]) -> int:
     except (ConfigError, CheckpointMismatchError) as e:  # the message says what to fix
         logging.error("%s: %s", type(e).__name__, e)
         return EXIT_BAD_INPUT
+    except (NonFiniteError, CheckpointSaveError) as e:  # the run stopped; checkpoints intact
+        logging.error("%s: %s", type(e).__name__, e)
+        return EXIT_RUN_FAILED
     logging.info("Finished at step %d. Eval metrics:\n%s", result.final_step, result.table())
     if result.best_step is not None:
         logging.info("Best: step %d, %.4f", result.best_step, result.best_metric)

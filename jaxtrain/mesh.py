@@ -107,3 +107,31 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
         k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
         for k, v in batch.items()
     }
+
+
+def _keys(path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+
+
+def shardings_like_params(abstract_tree, abstract_params, param_shardings, mesh: Mesh):
+    """Shardings for a tree holding copies of the params (optimizer moments): a leaf whose path
+    ends with a parameter's path and has its shape gets that parameter's sharding, any other
+    leaf (counts, factored statistics) is replicated."""
+    by_path = {
+        _keys(p): (x.shape, s)
+        for (p, x), s in zip(
+            jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+            jax.tree.leaves(param_shardings),
+            strict=True,
+        )
+    }
+
+    def pick(path, x):
+        keys = _keys(path)
+        for start in range(len(keys)):
+            shape, sharding = by_path.get(keys[start:], (None, None))
+            if shape == x.shape:
+                return sharding
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_tree)

@@ -207,18 +207,23 @@ class Trainer:
         self.frozen_shardings = mesh_lib.logical_shardings(
             jax.eval_shape(self.task.init_frozen, keys["frozen"]), self.mesh
         )
-        # Optimizer-state shardings: let the compiler propagate them from the params'.
-        self._compiled_init = jax.jit(self._init_fn).lower().compile()
-        rep = mesh_lib.replicated(self.mesh)
-        propagated = self._compiled_init.output_shardings
-        self.state_shardings = propagated.replace(
-            step=rep, rng=rep, params=self.param_shardings, frozen=self.frozen_shardings
-        )
         self.abstract_state = jax.eval_shape(self._init_fn)
+        rep = mesh_lib.replicated(self.mesh)
+        self.state_shardings = TrainState(
+            step=rep,
+            params=self.param_shardings,
+            opt_state=mesh_lib.shardings_like_params(
+                self.abstract_state.opt_state, self.abstract_state.params,
+                self.param_shardings, self.mesh,
+            ),
+            rng=rep,
+            frozen=self.frozen_shardings,
+        )
+        self._init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
 
     def init_state(self) -> TrainState:
         """A fresh, sharded train state (the same on every mesh: derived from config.seed)."""
-        return jax.device_put(self._compiled_init(), self.state_shardings)
+        return self._init()
 
     # ------------------------------------------------------------------ steps
 

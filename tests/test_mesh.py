@@ -34,3 +34,28 @@ def test_shard_batch_splits_the_leading_axis_over_data_axes():
     batch = shard_batch({"x": x}, mesh)
     np.testing.assert_array_equal(jax.device_get(batch["x"]), x)
     assert {s.data.shape for s in batch["x"].addressable_shards} == {(2, 3)}
+
+
+def test_fsdp_shards_params_and_optimizer_state_over_8_devices():
+    """Per-device parameter + optimizer bytes shrink ~1/N under FSDP (1-D params replicate)."""
+    from jaxtrain import Trainer
+    from tests.test_trainer import clip_config
+
+    def device0_bytes(mesh):
+        cfg = clip_config(vision_width=64, text_width=64)
+        cfg.mesh.update(mesh)
+        trainer = Trainer(cfg)
+        state = trainer.init_state()
+        first = jax.devices()[0]
+        total = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state)))
+        mine = sum(s.data.nbytes for x in jax.tree.leaves((state.params, state.opt_state))
+                   for s in x.addressable_shards if s.device == first)
+        mu = state.opt_state[1].inner_states["default"].inner_state[0].mu
+        fc1 = state.params["vision_model"]["encoder"]["layers_0"]["mlp"]["fc1"]["kernel"]
+        assert mu["vision_model"]["encoder"]["layers_0"]["mlp"]["fc1"]["kernel"].sharding == \
+            fc1.sharding
+        return mine / total
+
+    assert device0_bytes({"data": -1, "fsdp": 1, "tensor": 1}) == 1.0
+    assert device0_bytes({"data": 1, "fsdp": -1, "tensor": 1}) < 1 / 8 + 0.03
+    assert device0_bytes({"data": 1, "fsdp": 4, "tensor": 2}) < 1 / 8 + 0.03
