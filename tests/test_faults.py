@@ -43,8 +43,14 @@ def wait_for_step(workdir: Path, step: int, proc: subprocess.Popen, timeout: flo
 
 
 def toy(workdir):
-    return subprocess.Popen([sys.executable, "-c", TOY_RUN, str(workdir)], env=env(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", TOY_RUN, str(workdir)],
+        env=env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def final_params(workdir):
@@ -66,25 +72,79 @@ def test_kill_9_at_several_points_then_resume_equals_uninterrupted(tmp_path):
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
     for a, b in zip(final_params(killed), final_params(tmp_path / "ref"), strict=True):
         np.testing.assert_array_equal(a, b)
-    steps = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()
-             if "train/loss" in x]
+    steps = [
+        json.loads(x)["step"]
+        for x in (killed / "metrics.jsonl").read_text().splitlines()
+        if "train/loss" in x
+    ]
     assert steps == sorted(set(steps)) and steps[-1] == 120
 
 
 @pytest.mark.slow
 def test_sigterm_saves_exits_42_and_resumes(tmp_path):
-    cmd = [sys.executable, "-m", "jaxtrain.main", f"--config={ROOT}/configs/clip.py:runlocal",
-           f"--workdir={tmp_path}", "--config.train.progress_bar=False",
-           "--config.train.steps=100000", "--config.train.log_every=5"]
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "jaxtrain.main",
+        f"--config={ROOT}/configs/clip.py:runlocal",
+        f"--workdir={tmp_path}",
+        "--config.train.progress_bar=False",
+        "--config.train.steps=100000",
+        "--config.train.log_every=5",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     wait_for_step(tmp_path, 10, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 42, err[-3000:]
     saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and saved[0] >= 10
-    rerun = subprocess.run(cmd[:-2] + [f"--config.train.steps={saved[0] + 5}"], env=env(),
-                           capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(
+        cmd[:-2] + [f"--config.train.steps={saved[0] + 5}"],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"Resuming from {tmp_path}/checkpoints/{saved[0]}" in rerun.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_with_a_checkpoint(tmp_path):
+    environ = {
+        **env(),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "JAXTRAIN_XLA_FLAGS": "--xla_backend_optimization_level=0",
+    }
+    launcher = subprocess.Popen(
+        [
+            str(ROOT / "launch" / "local_multiprocess.sh"),
+            "2",
+            "4",
+            "--",
+            f"--config={ROOT}/configs/clip.py:runlocal,steps=100000",
+            f"--workdir={tmp_path}",
+            "--config.train.progress_bar=False",
+            "--config.train.log_every=5",
+        ],
+        env=environ,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_step(tmp_path, 10, launcher)
+    worker = subprocess.run(
+        ["pgrep", "-f", f"process_id=1 --config={ROOT}/configs/clip.py"],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    os.kill(int(worker[0]), signal.SIGTERM)
+    _, err = launcher.communicate(timeout=180)
+    assert launcher.returncode == 42, err[-3000:]
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and saved[0] % 5 == 0  # both stopped at the same log step
+    data = sorted(p.name for p in (tmp_path / "checkpoints" / str(saved[0]) / "data").iterdir())
+    assert "process_1-of-2.json" in data
