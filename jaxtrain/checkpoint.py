@@ -17,6 +17,7 @@ from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from jaxtrain.state import TrainState
+from jaxtrain.tree import path_str
 
 
 class CheckpointMismatchError(ValueError):
@@ -27,14 +28,9 @@ def _state_dict(state: TrainState) -> dict[str, Any]:
     return {f: getattr(state, f) for f in ("step", "params", "opt_state", "rng", "frozen")}
 
 
-def _path(keypath) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                    for k in keypath)
-
-
 def _shapes(tree) -> dict[str, tuple]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {_path(p): tuple(x.shape) for p, x in leaves}
+    return {path_str(p): tuple(x.shape) for p, x in leaves}
 
 
 class Checkpointer:

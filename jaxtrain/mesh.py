@@ -16,6 +16,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxtrain.config import ConfigError
+from jaxtrain.tree import key_name
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -109,8 +110,8 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
     }
 
 
-def _keys(path) -> tuple:
-    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+def _keys(path) -> tuple[str, ...]:
+    return tuple(key_name(k) for k in path)
 
 
 def shardings_like_params(abstract_tree, abstract_params, param_shardings, mesh: Mesh):

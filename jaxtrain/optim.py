@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxtrain.config import OPTIMIZERS, SCHEDULES, base_config
+from jaxtrain.tree import path_str
 
 PyTree = Any
 
@@ -225,22 +226,6 @@ def build_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
 # --------------------------------------------------------------------------------------------------
 
 
-def _key_name(key: Any) -> str:
-    if isinstance(key, jax.tree_util.DictKey):
-        return str(key.key)
-    if isinstance(key, jax.tree_util.GetAttrKey):
-        return key.name
-    if isinstance(key, jax.tree_util.SequenceKey):
-        return str(key.idx)
-    if isinstance(key, jax.tree_util.FlattenedIndexKey):
-        return str(key.key)
-    return str(key)
-
-
-def _path_str(path: Sequence[Any]) -> str:
-    return "/".join(_key_name(k) for k in path)
-
-
 def param_paths(params: PyTree) -> PyTree:
     """Same structure as ``params``; each leaf is its ``'/'``-joined key path.
 
@@ -248,7 +233,7 @@ def param_paths(params: PyTree) -> PyTree:
     ``{'dense': {'kernel': w}, 'blocks': [{'b': b}]}`` → ``{'dense': {'kernel': 'dense/kernel'},
     'blocks': [{'b': 'blocks/0/b'}]}``.
     """
-    return jax.tree_util.tree_map_with_path(lambda path, _: _path_str(path), params)
+    return jax.tree_util.tree_map_with_path(lambda path, _: path_str(path), params)
 
 
 def _compile(key: str, pattern: Any) -> re.Pattern[str]:
@@ -303,13 +288,13 @@ def _label(path: str, groups: Sequence[tuple[re.Pattern[str], float]]) -> str:
 
 def _labels_fn(groups: Sequence[tuple[re.Pattern[str], float]]) -> Callable[[PyTree], PyTree]:
     return lambda tree: jax.tree_util.tree_map_with_path(
-        lambda path, _: _label(_path_str(path), groups), tree
+        lambda path, _: _label(path_str(path), groups), tree
     )
 
 
 def _frozen_fn(groups: Sequence[tuple[re.Pattern[str], float]]) -> Callable[[PyTree], PyTree]:
     return lambda tree: jax.tree_util.tree_map_with_path(
-        lambda path, _: _label(_path_str(path), groups) == FROZEN_LABEL, tree
+        lambda path, _: _label(path_str(path), groups) == FROZEN_LABEL, tree
     )
 
 
@@ -327,7 +312,7 @@ def _decay_fn(cfg: Any) -> Callable[[PyTree], PyTree]:
     def decays(path: Sequence[Any], leaf: Any) -> bool:
         if jnp.ndim(leaf) <= 1:
             return False
-        return regex is None or regex.search(_path_str(path)) is None
+        return regex is None or regex.search(path_str(path)) is None
 
     return lambda tree: jax.tree_util.tree_map_with_path(decays, tree)
 
