@@ -78,9 +78,6 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def best_step(self) -> int | None:
-        return self.manager.best_step() if self.best_metric else None
-
     def step_path(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
@@ -163,9 +160,6 @@ class Checkpointer:
         return self.manager.restore(
             step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
         )["meta"]
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()

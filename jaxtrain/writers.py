@@ -50,10 +50,6 @@ class MetricWriter:
                 self._tb.add_scalar(k.replace("@", "_at_"), float(v), int(step))
         logging.info("step %d | %s", step, " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
 
-    def write_text(self, tag: str, text: str) -> None:
-        if self._tb is not None:
-            self._tb.add_text(tag, text)
-
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
