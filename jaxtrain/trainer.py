@@ -398,7 +398,7 @@ class Trainer:
                     break
         finally:
             bar.close()
-            self._save_guard(ckpt, "finishing", ckpt.close)
+            self._save_guard(ckpt, None, ckpt.close)
             writer.close()
             if old_handler is not None:
                 signal.signal(signal.SIGTERM, old_handler)
@@ -426,13 +426,16 @@ class Trainer:
         flags = multihost_utils.process_allgather(np.asarray(self._preempted))
         return bool(np.any(flags))
 
-    def _save_guard(self, ckpt: Checkpointer, what, fn, *args):
+    def _save_guard(self, ckpt: Checkpointer, step: int | None, fn, *args):
+        """Run a save (or the final wait for queued saves, `step=None`); turn an OSError into
+        CheckpointSaveError naming the checkpoints that are intact."""
         try:
             return fn(*args)
         except OSError as e:
-            kept = [s for s in ckpt.all_steps() if s != what]
+            kept = [s for s in ckpt.all_steps() if s != step]
+            what = f"checkpoint {step}" if step is not None else "the last queued checkpoint"
             raise CheckpointSaveError(
-                f"Writing checkpoint {what} under {ckpt.directory} failed ({e}). The earlier "
+                f"Writing {what} under {ckpt.directory} failed ({e}). The earlier "
                 f"checkpoints {kept} are intact; free space (or fix permissions) and re-run the "
                 "same command to resume from the latest of them."
             ) from e
