@@ -52,8 +52,7 @@ def measure(config) -> dict:
         "params_bytes": device0_bytes(state.params),
         "opt_state_bytes": device0_bytes(state.opt_state),
     }
-    trainer.train_step(state, batch)  # compiles
-    mem = trainer._compiled_step.memory_analysis()
+    mem = trainer.compiled_step(state, batch).fn.memory_analysis()
     out["step_argument_bytes"] = mem.argument_size_in_bytes
     out["step_temp_bytes"] = mem.temp_size_in_bytes
     return out

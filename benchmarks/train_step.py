@@ -3,9 +3,13 @@
     python benchmarks/train_step.py --config=configs/clip.py --steps=50
     python benchmarks/train_step.py --config=configs/clip.py:runlocal --config.train.batch_size=256
 
-Prints one JSON line: compile seconds, steps/s, samples/s, XLA's FLOPs per step and the compiled
-memory analysis (argument/output/temp bytes per device), and the device kind. The timed steps
-run after one warm-up step; the clock stops on a blocking fetch of the last step's loss.
+    python benchmarks/train_step.py --config=configs/lm.py:size=953m --steps=20   # the LM peer
+
+Prints one JSON line: compile seconds, steps/s, samples/s, tokens/s (token models), XLA's FLOPs
+per step, the task's model FLOPs (the documented formula) with TFLOP/s and MFU against
+--peak_tflops (default: the trainer's table for the device kind), the compiled memory analysis
+(argument/output/temp bytes per device) and, on GPU/TPU, the peak device memory in use. The
+timed steps run after one warm-up step; the clock stops on a blocking fetch of the last loss.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from jaxtrain.trainer import Trainer
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
 _SYNC = flags.DEFINE_bool("sync", False, "Block on every step (CPU: avoids queueing overhead).")
+_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Per-device peak TFLOP/s for MFU (0 = table).")
 
 
 def main(argv) -> None:
@@ -33,9 +38,10 @@ def main(argv) -> None:
                                      process_index=0, process_count=1)
     batches = [shard_batch(next(it), trainer.mesh) for _ in range(min(_STEPS.value, 8))]
     state = trainer.init_state()
-    state, metrics = trainer.train_step(state, batches[0])  # compiles
+    compiled = trainer.compiled_step(state, batches[0])
+    state, metrics = compiled.fn(state, batches[0])  # warm-up
     jax.block_until_ready(metrics)
-    memory = trainer._compiled_step.memory_analysis()
+    memory = compiled.fn.memory_analysis()
     t0 = time.perf_counter()
     for i in range(_STEPS.value):
         state, metrics = trainer.train_step(state, batches[i % len(batches)])
@@ -44,16 +50,24 @@ def main(argv) -> None:
     float(metrics["loss"])
     seconds = time.perf_counter() - t0
     sps = _STEPS.value / seconds
+    n = trainer.mesh.size
+    flops = compiled.model_flops / n if compiled.model_flops else compiled.xla_flops
+    peak = _PEAK.value or trainer._peak_tflops()
+    stats = jax.devices()[0].memory_stats() or {}
     print(json.dumps({
         "config": flags.FLAGS["config"].config_filename,
         "device": jax.devices()[0].device_kind,
         "devices": jax.device_count(),
         "batch_size": config.train.batch_size,
-        "compile_seconds": round(trainer.compile_seconds, 2),
+        "compile_seconds": round(compiled.seconds, 2),
         "steps_per_second": round(sps, 3),
-        "samples_per_second": round(sps * config.train.batch_size, 1),
-        "flops_per_step": trainer.flops_per_step,
-        "tflops_per_second": round(trainer.flops_per_step * sps / 1e12, 4),
+        "samples_per_second": round(sps * compiled.samples, 1),
+        "tokens_per_second": round(sps * compiled.tokens, 1),
+        "xla_flops_per_step_per_device": compiled.xla_flops,
+        "model_flops_per_step": compiled.model_flops,
+        "tflops_per_second_per_device": round(flops * sps / 1e12, 4),
+        "mfu": round(flops * sps / 1e12 / peak, 4) if peak else None,
+        "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
         "memory_bytes": {k: getattr(memory, k, None) for k in (
             "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
             "generated_code_size_in_bytes")},

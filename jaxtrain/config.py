@@ -30,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.task = ""  # registered task name, e.g. 'clip'
     c.seed = 0  # one seed; params, dropout and data order are derived from it by name
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 128  # global batch, over all devices and hosts
@@ -228,7 +228,7 @@ def check_divisibility(cfg: ml_collections.ConfigDict, data_parallel: int) -> No
     if micro % data_parallel:
         raise ConfigError(
             f"train.batch_size / train.accum_steps = {micro} is not divisible by the "
-            f"data-parallel size {data_parallel} (mesh.data x mesh.fsdp). Choose a batch size that "
+            f"data-parallel size {data_parallel} (mesh.data x mesh.fsdp x mesh.expert). Choose a batch size that "
             f"is a multiple of {data_parallel * cfg.train.accum_steps}."
         )
     if cfg.eval.batch_size % data_parallel:

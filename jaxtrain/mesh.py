@@ -18,16 +18,30 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jaxtrain.config import ConfigError
 from jaxtrain.tree import key_name
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+# The batch is split over every axis but `tensor`: outside the MoE layers the `expert` axis is
+# one more data-parallel axis (its devices hold different experts, and different rows).
+BATCH_AXES = ("data", "fsdp", "expert")
 
 # logical name -> mesh axes. First match wins (flax semantics); unknown names are replicated.
+# Parameter names: embed, mlp, heads, kv_heads, head_dim, vocab, expert, layers (scan), ...
+# Activation names (active while the step is traced): batch, length, act_*.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", BATCH_AXES),
+    ("expert_batch", ("data", "fsdp")),  # rows inside an MoE layer: experts take `expert`
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),
     ("vocab", "tensor"),
+    ("expert", "expert"),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("act_expert", "expert"),
+    ("act_embed", None),
+    ("head_dim", None),
+    ("layers", None),
     ("kv", None),
     ("length", None),
     ("norm", None),

@@ -9,6 +9,7 @@ The loop never syncs with the device between log steps: per-step metrics stay on
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -77,6 +78,35 @@ class TrainResult:
         return "\n".join(lines)
 
 
+@dataclasses.dataclass
+class _CompiledStep:
+    """The train step compiled for one batch shape, with its cost figures."""
+
+    fn: Any
+    seconds: float
+    xla_flops: float  # per device, from XLA's cost analysis
+    model_flops: float  # whole step, from the task's formula (0 = unknown)
+    tokens: int  # tokens per global batch (0 = not a token model)
+    samples: int = 0
+    reported: bool = False
+
+
+@dataclasses.dataclass
+class _Window:
+    """Work done since the last log step (host-side numbers: no device sync)."""
+
+    samples: int = 0
+    tokens: int = 0
+    xla_flops: float = 0.0
+    model_flops: float = 0.0
+
+    def add(self, step: _CompiledStep) -> None:
+        self.samples += step.samples
+        self.tokens += step.tokens
+        self.xla_flops += step.xla_flops
+        self.model_flops += step.model_flops
+
+
 def _improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
     if best is None:
         return True
@@ -95,6 +125,7 @@ class Progress:
     best_value: float | None = None
     es_best: float | None = None
     es_bad: int = 0
+    tokens_seen: int = 0
 
     def update(self, step: int, metrics: dict[str, float], cfg) -> bool:
         """Record one evaluation; True when early stopping says stop."""
@@ -173,10 +204,9 @@ class Trainer:
             self.task.loss_fn, self.tx, self.schedule,
             accum_steps=config.train.accum_steps, mesh=self.mesh,
         )
-        self._compiled_step = None
+        self._compiled: dict[tuple, _CompiledStep] = {}
         self._eval_step = jax.jit(self.task.eval_step)
         self._preempted = False
-        self.flops_per_step = 0.0
 
     # ------------------------------------------------------------------ state
 
@@ -227,7 +257,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
 
-    def _compile_step(self, state: TrainState, batch: dict) -> None:
+    def _tracing(self) -> contextlib.ExitStack:
+        """The mesh and logical-axis rules, active while a step is traced (for tasks that ask),
+        so the model's activation sharding constraints take effect."""
+        stack = contextlib.ExitStack()
+        if self.task.activation_sharding:
+            stack.enter_context(jax.set_mesh(self.mesh))
+            stack.enter_context(nn.logical_axis_rules(mesh_lib.DEFAULT_RULES))
+        return stack
+
+    def compiled_step(self, state: TrainState, batch: dict) -> _CompiledStep:
+        """The step compiled for this batch's shapes (once per distinct shape: a sequence-length
+        curriculum compiles one step per length)."""
+        signature = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items()))
+        if signature in self._compiled:
+            return self._compiled[signature]
         batch_sh = {k: mesh_lib.batch_sharding(self.mesh, v.ndim) for k, v in batch.items()}
         jitted = jax.jit(
             self._train_step_fn,
@@ -236,17 +280,25 @@ class Trainer:
             donate_argnums=0,
         )
         t0 = time.perf_counter()
-        self._compiled_step = jitted.lower(state, batch).compile()
-        self.compile_seconds = time.perf_counter() - t0
-        cost = self._compiled_step.cost_analysis()
+        with self._tracing():
+            fn = jitted.lower(state, batch).compile()
+        seconds = time.perf_counter() - t0
+        cost = fn.cost_analysis()
         cost = cost[0] if isinstance(cost, list | tuple) else cost
-        self.flops_per_step = float((cost or {}).get("flops", 0.0))
+        shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+        self._compiled[signature] = _CompiledStep(
+            fn=fn, seconds=seconds, xla_flops=float((cost or {}).get("flops", 0.0)),
+            model_flops=self.task.model_flops_per_step(shapes),
+            tokens=self.task.step_tokens(shapes),
+            samples=next(iter(batch.values())).shape[0],
+        )
+        logging.info("Compiled the train step for batch %s in %.1f s.",
+                     {k: v.shape for k, v in batch.items()}, seconds)
+        return self._compiled[signature]
 
     def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """One jitted, donated step on a global (sharded) batch. Compiled on first use."""
-        if self._compiled_step is None:
-            self._compile_step(state, batch)
-        return self._compiled_step(state, batch)
+        return self.compiled_step(state, batch).fn(state, batch)
 
     def evaluate(self, state: TrainState) -> dict[str, float]:
         """Run the task's eval over its held-out split; metrics namespaced `eval/...`."""
@@ -259,7 +311,8 @@ class Trainer:
         ):
             valid = host_batch.pop("valid")
             batch = mesh_lib.shard_batch(host_batch, self.mesh)
-            out = self._eval_step(state.params, batch, state.frozen)
+            with self._tracing():
+                out = self._eval_step(state.params, batch, state.frozen)
             out["valid"] = mesh_lib.shard_batch({"valid": valid}, self.mesh)["valid"]
             outputs.append(out)
         if jax.process_count() > 1:
@@ -346,6 +399,7 @@ class Trainer:
             if _main_thread() else None
         loss_history: list[tuple[int, float]] = []
         pending: list[dict] = []
+        window = _Window()
         stopped_early = False
         t_last, steps_since, streak = time.perf_counter(), 0, 0
 
@@ -357,13 +411,16 @@ class Trainer:
         try:
             for step in range(start, stop):
                 batch = mesh_lib.shard_batch(next(train_iter), self.mesh)
-                if self._compiled_step is None:
-                    self._compile_step(state, batch)
-                    writer.write(step, {"perf/compile_seconds": self.compile_seconds,
-                                        "perf/flops_per_step": self.flops_per_step})
+                compiled = self.compiled_step(state, batch)
+                if not compiled.reported:
+                    writer.write(step, {"perf/compile_seconds": compiled.seconds,
+                                        "perf/xla_flops_per_step": compiled.xla_flops})
+                    compiled.reported = True
                     t_last = time.perf_counter()
-                state, metrics = self._compiled_step(state, batch)
+                state, metrics = compiled.fn(state, batch)
                 pending.append(metrics)
+                window.add(compiled)
+                progress.tokens_seen += compiled.tokens
                 steps_since += 1
                 done = step + 1
                 bar.update(1)
@@ -371,7 +428,9 @@ class Trainer:
                 if done % cfg.train.log_every == 0 or done == stop:
                     host = jax.device_get(pending)
                     dt = time.perf_counter() - t_last
-                    summary = self._summarize(host, steps_since, dt)
+                    summary = self._summarize(host, steps_since, dt, window)
+                    if window.tokens:
+                        summary["train/tokens_seen"] = float(progress.tokens_seen)
                     loss_history += [(done - len(host) + i + 1, float(m["loss"]))
                                      for i, m in enumerate(host)]
                     writer.write(done, summary)
@@ -379,7 +438,7 @@ class Trainer:
                     bar.update(0, loss=summary["train/loss"], lr=summary["train/lr"],
                                samples_s=summary["perf/samples_per_second"])
                     streak = self._check_nonfinite(host, done, streak)
-                    pending, steps_since = [], 0
+                    pending, steps_since, window = [], 0, _Window()
                     t_last = time.perf_counter()
 
                 eval_metrics = None
@@ -464,15 +523,29 @@ class Trainer:
                 )
         return streak
 
-    def _summarize(self, host: list[dict], steps: int, seconds: float) -> dict[str, float]:
-        out = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]
-               if k != "nonfinite"}
+    def _summarize(self, host: list[dict], steps: int, seconds: float,
+                   window: _Window) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for k in host[0]:
+            if k == "nonfinite":
+                continue
+            mean = np.mean([np.asarray(m[k]) for m in host], axis=0)
+            if np.ndim(mean):  # a vector metric (e.g. per-expert load): one scalar per entry
+                out.update({f"train/{k}/{i}": float(v) for i, v in enumerate(mean.ravel())})
+            else:
+                out[f"train/{k}"] = float(mean)
         out["train/nonfinite_steps"] = float(sum(int(m["nonfinite"]) for m in host))
-        sps = steps / max(seconds, 1e-9)
-        out["perf/steps_per_second"] = sps
-        out["perf/samples_per_second"] = sps * self.config.train.batch_size
-        if self.flops_per_step:
-            tflops = self.flops_per_step * sps / 1e12
+        seconds = max(seconds, 1e-9)
+        out["perf/steps_per_second"] = steps / seconds
+        out["perf/samples_per_second"] = window.samples / seconds
+        if window.tokens:
+            out["perf/tokens_per_second"] = window.tokens / seconds
+            out["perf/tokens_per_second_per_device"] = window.tokens / seconds / self.mesh.size
+        if window.xla_flops:
+            out["perf/xla_tflops_per_device"] = window.xla_flops / seconds / 1e12
+        flops = window.model_flops / self.mesh.size if window.model_flops else window.xla_flops
+        if flops:
+            tflops = flops / seconds / 1e12
             out["perf/tflops_per_device"] = tflops
             peak = self._peak_tflops()
             if peak:

@@ -8,15 +8,16 @@ from jaxtrain.mesh import _fit, data_parallel_size, make_mesh, mesh_shape, shard
 
 
 def test_mesh_shape_resolves_the_rest():
-    assert mesh_shape({"data": -1, "fsdp": 1, "tensor": 1}, 8) == (8, 1, 1)
-    assert mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 8) == (2, 2, 2)
-    assert mesh_shape({"data": 1, "fsdp": 1, "tensor": 1}, 1) == (1, 1, 1)
+    assert mesh_shape({"data": -1, "fsdp": 1, "tensor": 1}, 8) == (8, 1, 1, 1)
+    assert mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 8) == (2, 2, 2, 1)
+    assert mesh_shape({"data": 1, "fsdp": 1, "tensor": 1}, 1) == (1, 1, 1, 1)
+    assert mesh_shape({"data": 2, "expert": -1}, 8) == (2, 1, 1, 4)
     with pytest.raises(ConfigError, match="needs 6 devices but 8"):
         mesh_shape({"data": 3, "fsdp": 2, "tensor": 1}, 8)
     with pytest.raises(ConfigError, match="do not divide"):
         mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)
     with pytest.raises(ConfigError, match="Unknown mesh axes"):
-        mesh_shape({"data": -1, "expert": 2}, 8)
+        mesh_shape({"data": -1, "pipeline": 2}, 8)
 
 
 def test_dimensions_that_do_not_divide_are_replicated():

@@ -20,6 +20,10 @@ class Task(abc.ABC):
     """A kind of training. Subclasses set `name` and implement the abstract methods."""
 
     name: str = ""
+    # True: the trainer activates the mesh's logical-axis rules while tracing the step, so the
+    # model's activation sharding constraints apply (its parameters must keep their full shapes;
+    # flax's DenseGeneral flattens kernels and breaks under active rules).
+    activation_sharding: bool = False
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
@@ -69,6 +73,11 @@ class Task(abc.ABC):
     def eval_metrics(self, outputs: Any) -> dict[str, float]:
         """Host side: metrics from the concatenated outputs of all eval batches."""
 
-    def model_flops_per_example(self) -> float:
-        """Forward+backward FLOPs per training example (for MFU); 0 = use XLA's count."""
+    def step_tokens(self, batch: dict[str, jax.ShapeDtypeStruct]) -> int:
+        """Tokens in one global batch (for tokens/s); 0 = not a token model. Shapes only."""
+        return 0
+
+    def model_flops_per_step(self, batch: dict[str, jax.ShapeDtypeStruct]) -> float:
+        """Model FLOPs (forward + backward) of one global batch by the task's documented
+        formula, for MFU; 0 = use XLA's count of the compiled step. Shapes only."""
         return 0.0

@@ -1,0 +1,386 @@
+"""A Llama-family causal decoder (Llama, Qwen2, Mistral; optionally mixture-of-experts).
+
+token embedding -> N x [x + attn(RMSNorm(x)); x + mlp(RMSNorm(x))] -> RMSNorm -> head
+
+* RoPE in Hugging Face's "rotate half" layout, so converted weights need no permutation;
+* grouped-query attention through ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU
+  with ``attention_impl='cudnn'``); packed rows attend only within their own segment;
+* SwiGLU MLP ``down(silu(gate(x)) * up(x))``, or a top-k mixture of SwiGLU experts
+  (:mod:`jaxtrain.models.moe`);
+* parameters in ``param_dtype`` (float32), compute in ``dtype`` (bfloat16 on accelerators);
+* ``remat_policy`` picks what the backward pass recomputes; ``scan_layers`` runs the blocks with
+  ``nn.scan`` (one compiled block: fast compiles for deep models; parameters gain a leading
+  ``layers`` axis), otherwise they are unrolled as ``layers_{i}`` (faster steps on GPU).
+
+Parameter tree (names follow Hugging Face's so :mod:`jaxtrain.hf.llama` is a rename)::
+
+    embed_tokens/embedding                         [V, D]      (vocab, embed)
+    layers_{i}/input_layernorm/scale               [D]
+    layers_{i}/self_attn/{q,k,v}_proj/kernel       [D, H|K, Dh] (embed, heads|kv_heads, head_dim)
+    layers_{i}/self_attn/{q,k,v}_proj/bias         [H|K, Dh]   (Qwen2 only)
+    layers_{i}/self_attn/o_proj/kernel             [H, Dh, D]
+    layers_{i}/post_attention_layernorm/scale      [D]
+    layers_{i}/mlp/{gate,up}_proj/kernel           [D, F]      (embed, mlp)
+    layers_{i}/mlp/down_proj/kernel                [F, D]
+    norm/scale                                     [D]
+    lm_head/kernel                                 [D, V]      (absent when tied)
+
+With ``scan_layers`` the ``layers_{i}`` subtrees are stacked into one ``layers`` subtree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from jaxtrain.models.layers import Dtype, partitioned
+
+Array = jax.Array
+
+DTYPES: dict[str, Dtype] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# What the backward pass may keep instead of recomputing (None = keep everything, no remat).
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
+
+# Logical axis names of activations (see jaxtrain.mesh.DEFAULT_RULES).
+ACT = ("batch", "length", "act_embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Hyper-parameters of :class:`Llama`. Validated on construction."""
+
+    vocab_size: int = 50304
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int = 0  # 0 = hidden_size // num_heads
+    intermediate_size: int = 688
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v biases (Qwen2)
+    sliding_window: int = 0  # attend to at most this many previous tokens (Mistral); 0 = all
+    initializer_range: float = 0.02
+    dtype: str = "float32"  # compute dtype: 'float32' | 'bfloat16'
+    remat_policy: str = "none"  # one of REMAT_POLICIES
+    scan_layers: bool = False
+    attention_impl: str | None = None  # jax.nn.dot_product_attention: 'xla', 'cudnn', None
+    # Mixture of experts (num_experts = 0: dense SwiGLU MLP).
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    capacity_factor: float = 1.25  # expert capacity = ceil(k * tokens * factor / experts)
+    moe_intermediate_size: int = 0  # 0 = intermediate_size
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                     "intermediate_size", "num_experts_per_tok"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"LlamaConfig.{name} must be a positive int; got {value!r}")
+        for name in ("head_dim", "sliding_window", "num_experts", "moe_intermediate_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"LlamaConfig.{name} must be an int >= 0; got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"LlamaConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads}) for grouped-query attention"
+            )
+        if not self.head_dim and self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"LlamaConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads "
+                f"({self.num_heads}), or set head_dim"
+            )
+        if self.head_size % 2:
+            raise ValueError(f"the head dimension must be even for RoPE; got {self.head_size}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"LlamaConfig.dtype must be one of {sorted(DTYPES)}; "
+                             f"got {self.dtype!r}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"LlamaConfig.remat_policy must be one of {sorted(REMAT_POLICIES)}; "
+                             f"got {self.remat_policy!r}")
+        if self.attention_impl not in (None, "xla", "cudnn"):
+            raise ValueError("LlamaConfig.attention_impl must be None, 'xla' or 'cudnn'; "
+                             f"got {self.attention_impl!r}")
+        if self.num_experts and not self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"LlamaConfig.num_experts_per_tok ({self.num_experts_per_tok}) must be <= "
+                f"num_experts ({self.num_experts})"
+            )
+        if not self.capacity_factor > 0:
+            raise ValueError(f"LlamaConfig.capacity_factor must be > 0; "
+                             f"got {self.capacity_factor!r}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LlamaConfig:
+        """Builds a config from a mapping; unknown keys raise ``ValueError``."""
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown LlamaConfig keys {unknown}; valid keys: {valid}")
+        return cls(**dict(d))
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def compute_dtype(self) -> Dtype:
+        return DTYPES[self.dtype]
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        """Parameter count (all experts counted)."""
+        d, f, h, k, dh = (self.hidden_size, self.intermediate_size, self.num_heads,
+                          self.num_kv_heads, self.head_size)
+        attn = d * (h + 2 * k) * dh + h * dh * d + (self.attention_bias * (h + 2 * k) * dh)
+        if self.num_experts:
+            mlp = 3 * d * (self.moe_intermediate_size or f) * self.num_experts
+            mlp += d * self.num_experts
+        else:
+            mlp = 3 * d * f
+        per_layer = attn + mlp + 2 * d
+        n = self.num_layers * per_layer + d
+        if include_embeddings:
+            n += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward = 3 x forward), the formula used for MFU:
+
+            6 * N_active + 12 * L * H * Dh * S_attended
+
+        N_active = the matmul parameters a token passes through (embedding lookup excluded, the
+        output head included; with MoE only the k routed experts count); the second term is the
+        attention score and value matmuls (2 * 2 * S * H * Dh per layer forward, halved for the
+        causal mask... kept whole as in PaLM's and MaxText's convention, S = the sequence length,
+        or the sliding window when shorter).
+        """
+        d, f, h, k, dh = (self.hidden_size, self.intermediate_size, self.num_heads,
+                          self.num_kv_heads, self.head_size)
+        attn = d * (h + 2 * k) * dh + h * dh * d
+        if self.num_experts:
+            mlp = 3 * d * (self.moe_intermediate_size or f) * self.num_experts_per_tok
+            mlp += d * self.num_experts
+        else:
+            mlp = 3 * d * f
+        active = self.num_layers * (attn + mlp) + d * self.vocab_size
+        span = min(seq_len, self.sliding_window) if self.sliding_window else seq_len
+        return 6.0 * active + 12.0 * self.num_layers * h * dh * span
+
+
+def _dense_init(cfg: LlamaConfig):
+    return nn.initializers.normal(stddev=cfg.initializer_range)
+
+
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x^2) + eps) * scale``, computed in float32 (as Hugging Face's)."""
+
+    eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", partitioned(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * scale).astype(self.dtype)
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary position embedding, Hugging Face layout ("rotate half").
+
+    For head dim d and inverse frequencies w_j = theta^(-2j/d), j < d/2, with angle a = pos * w:
+    ``x1, x2 = x[..., :d/2], x[..., d/2:]``; ``out = [x1 cos a - x2 sin a, x2 cos a + x1 sin a]``.
+    ``x``: [B, T, N, d]; ``positions``: [B, T].
+    """
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, d/2]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def segment_mask(segment_ids: Array | None) -> Array | None:
+    """[B, 1, T, T] bool, True where query and key are in the same segment (packed rows), or
+    None without segment ids (causal attention alone needs no mask array)."""
+    if segment_ids is None:
+        return None
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return same[:, None, :, :]
+
+
+class Projection(nn.Module):
+    """``y = x · kernel (+ bias)`` contracting the last ``in_dims`` axes of x; the kernel is
+    stored with its full shape ``[in..., out...]`` (no flattening), so its logical axis names
+    ``axes`` hold when sharding rules are active during tracing."""
+
+    features: tuple[int, ...]
+    axes: tuple[str, ...]
+    use_bias: bool
+    dtype: Dtype
+    kernel_init: Any
+    in_dims: int = 1
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        in_shape = x.shape[-self.in_dims:]
+        kernel = self.param("kernel", partitioned(self.kernel_init, self.axes),
+                            (*in_shape, *self.features), jnp.float32)
+        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.in_dims)
+        if self.use_bias:
+            bias = self.param("bias", partitioned(nn.initializers.zeros,
+                                                  self.axes[self.in_dims:]),
+                              self.features, jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class Attention(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, mask: Array | None) -> Array:
+        cfg = self.cfg
+        dt, dh = cfg.compute_dtype, cfg.head_size
+        init = _dense_init(cfg)
+
+        def proj(name: str, heads: int, axis: str) -> Array:
+            return Projection((heads, dh), ("embed", axis, "head_dim"), cfg.attention_bias,
+                              dt, init, name=name)(x)
+
+        q = proj("q_proj", cfg.num_heads, "heads")
+        k = proj("k_proj", cfg.num_kv_heads, "kv_heads")
+        v = proj("v_proj", cfg.num_kv_heads, "kv_heads")
+        q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
+        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
+        out = jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=True, local_window_size=window,
+            implementation=cfg.attention_impl,
+        )
+        out = checkpoint_name(out, "attention_out")
+        return Projection((x.shape[-1],), ("heads", "head_dim", "embed"), False, dt, init,
+                          in_dims=2, name="o_proj")(out)
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.cfg
+        dense = lambda n, axes, name: nn.Dense(  # noqa: E731
+            n, use_bias=False, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+            kernel_init=partitioned(_dense_init(cfg), axes), name=name)
+        h = nn.silu(dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x))
+        h = h * dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
+        h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
+        return dense(x.shape[-1], ("mlp", "embed"), "down_proj")(h)
+
+
+class DecoderBlock(nn.Module):
+    """One pre-norm block. Returns (x, router stats) — the stats are {} for a dense block."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, mask: Array | None):
+        from jaxtrain.models.moe import MoE  # local: moe imports this module's pieces
+
+        cfg = self.cfg
+        x = nn.with_logical_constraint(x, ACT)
+        h = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="input_layernorm")(x)
+        x = x + Attention(cfg, name="self_attn")(h, positions, mask)
+        h = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="post_attention_layernorm")(x)
+        if cfg.num_experts:
+            h, stats = MoE(cfg, name="mlp")(h)
+        else:
+            h, stats = SwiGLU(cfg, name="mlp")(h), {}
+        x = nn.with_logical_constraint(x + h, ACT)
+        return x, stats
+
+
+class Llama(nn.Module):
+    """The decoder. ``__call__(tokens, positions=None, segment_ids=None)`` returns
+    ``(logits [B, T, V] float32, aux)``; ``aux`` holds the MoE router statistics averaged over
+    layers (empty for a dense model) and ``hidden`` (the final normed hidden states)."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: Array,
+        positions: Array | None = None,
+        segment_ids: Array | None = None,
+    ) -> tuple[Array, dict[str, Array]]:
+        cfg = self.cfg
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        mask = segment_mask(segment_ids)
+        embed = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+            embedding_init=partitioned(_dense_init(cfg), ("vocab", "embed")), name="embed_tokens",
+        )
+        x = embed(tokens)
+        x = nn.with_logical_constraint(x, ACT)
+
+        policy = REMAT_POLICIES[cfg.remat_policy]
+        block = DecoderBlock
+        if cfg.remat_policy != "none":
+            block = nn.remat(block, policy=policy, prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            scanned = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, stats = scanned(cfg, name="layers")(x, positions, mask)
+            stats = jax.tree.map(lambda s: jnp.mean(s, axis=0), stats)
+        else:
+            per_layer = []
+            for i in range(cfg.num_layers):
+                x, s = block(cfg, name=f"layers_{i}")(x, positions, mask)
+                per_layer.append(s)
+            stats = jax.tree.map(lambda *s: jnp.mean(jnp.stack(s), axis=0), *per_layer) \
+                if per_layer[0] else {}
+        x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="norm")(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = nn.Dense(
+                cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+                kernel_init=partitioned(_dense_init(cfg), ("embed", "vocab")), name="lm_head",
+            )(x)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+        return logits.astype(jnp.float32), {**stats, "hidden": x}
+
+
+def init_params(cfg: LlamaConfig, rng: Array, seq_len: int = 8) -> Any:
+    """Boxed (logically partitioned) parameters of a fresh model."""
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    return Llama(cfg).init(rng, tokens)["params"]
+
