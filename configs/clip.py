@@ -7,16 +7,12 @@
 Variants (comma-separated after ':'): `runlocal` (tiny model and run), `steps=N`.
 """
 
+from jaxtrain.config import parse_variants
 from jaxtrain.tasks.clip import ClipTask
 
 
 def get_config(arg: str | None = None):
-    args = dict(kv.partition("=")[::2] for kv in (arg or "").split(",") if kv)
-    unknown = set(args) - {"runlocal", "steps"}
-    if unknown:
-        raise ValueError(
-            f"Unknown configs/clip.py variant(s) {sorted(unknown)}; valid: runlocal, steps=N."
-        )
+    args = parse_variants(arg, ("runlocal", "steps=N"), "configs/clip.py")
     c = ClipTask.default_config()
 
     c.model.update(dict(image_size=32, patch_size=8, vision_width=96, vision_layers=3,

@@ -12,6 +12,7 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
@@ -164,3 +165,36 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def read_params(path: str) -> tuple[dict, Any]:
+    """(config dict, params as host numpy arrays) of a jaxtrain run's newest checkpoint.
+
+    `path` is a workdir, its `checkpoints/` directory, or one step directory. Used to load a
+    frozen teacher or initial weights; the train state's other parts are not read.
+    """
+    step_dir = path
+    if not os.path.isdir(os.path.join(step_dir, "state")):
+        root = os.path.join(path, "checkpoints") if os.path.isdir(
+            os.path.join(path, "checkpoints")) else path
+        steps = sorted(int(d) for d in (os.listdir(root) if os.path.isdir(root) else [])
+                       if d.isdigit() and os.path.isdir(os.path.join(root, d, "state")))
+        if not steps:
+            raise FileNotFoundError(
+                f"No jaxtrain checkpoint under {path!r}: expected a workdir with "
+                "checkpoints/<step>/state, a checkpoints/ directory, or a step directory."
+            )
+        step_dir = os.path.join(root, str(steps[-1]))
+    state_dir = os.path.join(step_dir, "state")
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(state_dir).item_metadata.tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    state = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=tree, restore_args=restore_args))
+    meta_file = next((os.path.join(step_dir, "meta", f) for f in ("metadata", "meta.json")
+                      if os.path.isfile(os.path.join(step_dir, "meta", f))), None)
+    config = {}
+    if meta_file:
+        with open(meta_file) as f:
+            config = json.load(f).get("config", {})
+    return config, state["params"]

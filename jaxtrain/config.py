@@ -24,6 +24,17 @@ class ConfigError(ValueError):
     """A config key has a wrong name, type or value. The message names the key and the fix."""
 
 
+def parse_variants(arg: str | None, valid: Iterable[str], config_file: str) -> dict[str, str]:
+    """`get_config(arg)`'s "a,b=1" -> {"a": "", "b": "1"}; unknown names are a ConfigError."""
+    args = dict(kv.partition("=")[::2] for kv in (arg or "").split(",") if kv)
+    unknown = sorted(set(args) - {v.partition("=")[0] for v in valid})
+    if unknown:
+        raise ConfigError(
+            f"Unknown {config_file} variant(s) {unknown}; valid: {', '.join(valid)}."
+        )
+    return args
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Engine defaults shared by every task. Task configs override and add `model` / `data`."""
     c = ml_collections.ConfigDict()
@@ -228,8 +239,8 @@ def check_divisibility(cfg: ml_collections.ConfigDict, data_parallel: int) -> No
     if micro % data_parallel:
         raise ConfigError(
             f"train.batch_size / train.accum_steps = {micro} is not divisible by the "
-            f"data-parallel size {data_parallel} (mesh.data x mesh.fsdp x mesh.expert). Choose a batch size that "
-            f"is a multiple of {data_parallel * cfg.train.accum_steps}."
+            f"data-parallel size {data_parallel} (mesh.data x mesh.fsdp x mesh.expert). Choose a "
+            f"batch size that is a multiple of {data_parallel * cfg.train.accum_steps}."
         )
     if cfg.eval.batch_size % data_parallel:
         raise ConfigError(

@@ -33,6 +33,7 @@ from jaxtrain.optim import build_optimizer
 from jaxtrain.state import TrainState
 from jaxtrain.step import make_train_step
 from jaxtrain.tasks import Task, get_task
+from jaxtrain.tree import path_str
 from jaxtrain.writers import MetricWriter, ProgressBar
 
 # Dense bf16 peak TFLOP/s per device, for MFU. Override with config.train.peak_tflops.
@@ -252,8 +253,19 @@ class Trainer:
         self._init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
 
     def init_state(self) -> TrainState:
-        """A fresh, sharded train state (the same on every mesh: derived from config.seed)."""
-        return self._init()
+        """A fresh, sharded train state (the same on every mesh: derived from config.seed),
+        with the task's pretrained weights (if any) in place of the random ones."""
+        state = self._init()
+        for field, tree in self.task.pretrained().items():
+            target = getattr(state, field)
+            _check_same_shapes(field, tree, target)
+            shardings = getattr(self.state_shardings, field)
+            tree = jax.tree.map(
+                lambda x, t, s: jax.make_array_from_callback(
+                    t.shape, s, lambda idx, x=x, t=t: np.asarray(x[idx], dtype=t.dtype)),
+                tree, target, shardings)
+            state = state.replace(**{field: tree})
+        return state
 
     # ------------------------------------------------------------------ steps
 
@@ -562,6 +574,20 @@ class Trainer:
                    if json.dumps(a.get(k), default=str) != json.dumps(b.get(k), default=str)}
         for k, (old, new) in sorted(changed.items()):
             logging.warning("Config differs from the checkpoint's: %s: %r -> %r", k, old, new)
+
+
+def _check_same_shapes(field: str, tree: Any, target: Any) -> None:
+    have = {path_str(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    want = {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(target)}
+    if have != want:
+        missing = sorted(set(want) - set(have))[:5]
+        extra = sorted(set(have) - set(want))[:5]
+        differ = [f"{k}: {have[k]} vs model {want[k]}" for k in sorted(set(have) & set(want))
+                  if have[k] != want[k]][:5]
+        raise ConfigError(
+            f"The pretrained {field} do not fit the model: missing {missing}, unexpected {extra}, "
+            f"shapes differ {differ}. Check the model config against the weights' source."
+        )
 
 
 def _main_thread() -> bool:

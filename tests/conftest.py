@@ -12,6 +12,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="jaxtrain-hf-"))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAXTRAIN_CACHE", tempfile.mkdtemp(prefix="jaxtrain-cache-"))
 
 import jax  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
@@ -16,6 +16,7 @@ def train_iterator(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    transform: Callable[[int, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
 ) -> grain.DatasetIterator:
     """Endless, reshuffled-every-epoch batches of this host's rows of each global batch.
 
@@ -24,6 +25,8 @@ def train_iterator(
     global batch is the same whatever the number of hosts, and so is a run's data order.
     The iterator's `get_state()/set_state()` make a resumed run see exactly the batches it would
     have seen; its position counts global batches, so it means the same on any number of hosts.
+    `transform(step, batch)` reshapes batch `step` (e.g. a sequence-length curriculum); it must
+    treat every row alike, so that it means the same on every host.
     """
     if len(source) < batch_size * process_count:
         raise ValueError(
@@ -32,6 +35,8 @@ def train_iterator(
         )
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
     ds = ds.batch(batch_size, drop_remainder=True)[process_index::process_count]
+    if transform is not None:
+        ds = ds.map_with_index(transform)
     return iter(ds)
 
 

@@ -46,6 +46,13 @@ class Task(abc.ABC):
         """What is not trained but the loss needs (boxed like params). Default: nothing."""
         return {}
 
+    def pretrained(self) -> dict[str, Any]:
+        """Weights to start from instead of the random init, as host arrays: {"params": ...,
+        "frozen": ...} (either may be absent), each with the exact structure and shapes of the
+        init. Loaded outside jit (never baked into the compiled program), only on a fresh
+        start, never on resume. Default: none."""
+        return {}
+
     @abc.abstractmethod
     def loss_fn(
         self, params: Any, batch: dict, rng: jax.Array, frozen: Any

@@ -1,0 +1,346 @@
+"""Causal language modelling: pretraining, chat SFT, mixture of experts, distillation.
+
+One task, chosen by config:
+* ``data.kind='text'``: documents -> tokens -> rows of ``data.seq_len`` (``data.mode``:
+  ``concat`` cuts one stream, ``pack`` bins whole documents); attention stays inside each
+  document through the rows' segment ids.
+* ``data.kind='chat'``: conversations -> the tokenizer's chat template (ChatML when it has
+  none) -> loss on assistant tokens only (``data.packing`` optional).
+* ``model.num_experts > 0``: MoE layers; the router losses join the loss with their
+  coefficients (``loss.load_balance``, ``loss.balance_deviation``, ``loss.router_z``).
+* ``distill.teacher``: a frozen teacher (a jaxtrain workdir or a Hugging Face directory);
+  loss = ``alpha · T² KL + (1 − alpha) · CE``.
+* ``init_from``: start from a Hugging Face directory or a jaxtrain workdir's weights.
+* ``data.curriculum``: ``"64:200,128:400"`` trains on 64-token rows until step 200, then 128
+  until 400, then ``data.seq_len``; tokens per batch stay constant (each row is cut into
+  ``seq_len / length`` rows), and one step is compiled per length.
+
+Batches are dicts of [rows, length] arrays: inputs, targets, loss_mask, segment_ids, positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from ml_collections import config_dict
+
+from jaxtrain.config import ConfigError, base_config
+from jaxtrain.losses.lm import distillation_loss, next_token_loss, token_cross_entropy
+from jaxtrain.models.llama import Llama, LlamaConfig, init_params
+from jaxtrain.tasks.base import Task
+
+ROW_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+# LlamaConfig fields that describe how to run a model rather than what it is: kept from the
+# config when a model's shape comes from elsewhere (init_from, a teacher).
+RUNTIME_FIELDS = ("dtype", "remat_policy", "scan_layers", "attention_impl", "capacity_factor")
+
+
+def parse_curriculum(spec: str, seq_len: int) -> list[tuple[int, int]]:
+    """``"64:200,128:400"`` -> [(64, 200), (128, 400)]: (length, until step), lengths dividing
+    ``seq_len``, both increasing."""
+    stages = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        try:
+            length, until = (int(v) for v in part.split(":"))
+        except ValueError:
+            raise ConfigError(
+                f"data.curriculum {spec!r}: stage {part!r} is not 'length:until_step' "
+                "(e.g. '64:200,128:400')."
+            ) from None
+        if length <= 0 or seq_len % length or length >= seq_len:
+            raise ConfigError(
+                f"data.curriculum {spec!r}: length {length} must be < data.seq_len ({seq_len}) "
+                "and divide it."
+            )
+        if stages and (length <= stages[-1][0] or until <= stages[-1][1]):
+            raise ConfigError(f"data.curriculum {spec!r}: lengths and steps must increase.")
+        stages.append((length, until))
+    return stages
+
+
+def curriculum_transform(stages: list[tuple[int, int]]):
+    """The pipeline's per-batch transform: batch `step` cut into rows of the stage's length."""
+
+    def transform(step: int, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for length, until in stages:
+            if step < until:
+                return {k: v.reshape(-1, length) for k, v in batch.items()}
+        return batch
+
+    return transform
+
+
+def _model_config(d: dict) -> LlamaConfig:
+    try:
+        return LlamaConfig.from_dict(d)
+    except ValueError as e:
+        raise ConfigError(f"config.model: {e}") from None
+
+
+class LMTask(Task):
+    name = "lm"
+    activation_sharding = True
+
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        c = base_config()
+        c.task = cls.name
+        model = dataclasses.asdict(LlamaConfig())
+        model["attention_impl"] = config_dict.placeholder(str)
+        c.model = ml_collections.ConfigDict(model)
+        c.init_from = ""  # a Hugging Face model directory or a jaxtrain workdir
+        c.data = ml_collections.ConfigDict(dict(
+            kind="text",  # 'text' (pretraining) | 'chat' (SFT) | 'synthetic' (random tokens)
+            source="shakespeare",  # built-in | local json/jsonl/parquet/arrow/txt | hub name
+            eval_source="",  # a separate eval set (all of it); default: the validation split
+            text_field="text",  # text: the documents' column
+            text_fields="",  # chat: comma-separated fields joined into one exchange
+            tokenizer="gpt2",  # built-in GPT-2 BPE, or a local / hub tokenizer
+            seq_len=128,
+            mode="concat",  # text: 'concat' | 'pack'
+            packing=False,  # chat: pack several conversations per row
+            max_documents=0,  # use at most this many documents / conversations (0 = all)
+            train_examples=4000,  # sizes of the generated sets ('builtin' chat, 'synthetic')
+            eval_examples=200,
+            eval_rows=256,  # evaluate on at most this many rows (0 = all)
+            curriculum="",  # e.g. '32:100,64:200'
+            cache_dir="",  # tokenized rows cache (default ~/.cache/jaxtrain/rows)
+        ))
+        c.loss = ml_collections.ConfigDict(dict(
+            z_loss=0.0, load_balance=0.01, balance_deviation=0.0, router_z=0.001))
+        c.distill = ml_collections.ConfigDict(dict(teacher="", alpha=0.5, temperature=2.0))
+        c.eval.batch_size = 64
+        return c
+
+    @classmethod
+    def config_rules(cls):
+        return [
+            ("data.kind", lambda v: v in ("text", "chat", "synthetic"),
+             "must be 'text', 'chat' or 'synthetic'"),
+            ("data.mode", lambda v: v in ("concat", "pack"), "must be 'concat' or 'pack'"),
+            ("data.seq_len", lambda v: v > 0, "must be > 0"),
+            ("data.eval_rows", lambda v: v >= 0, "must be >= 0 (0 = all)"),
+            ("distill.alpha", lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
+            ("distill.temperature", lambda v: v > 0, "must be > 0"),
+            ("loss.z_loss", lambda v: v >= 0, "must be >= 0"),
+        ]
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        super().__init__(config)
+        model = config.model.to_dict()
+        self._init_weights = None
+        if config.init_from:
+            shape_cfg, self._init_weights = _load_weights(config.init_from)
+            model = {**dataclasses.asdict(shape_cfg),
+                     **{k: model[k] for k in RUNTIME_FIELDS}}
+        self.model_config = _model_config(model)
+        self.model = Llama(self.model_config)
+        self.stages = parse_curriculum(config.data.curriculum, config.data.seq_len)
+        self.teacher_config = None
+        self._teacher_weights = None
+        if config.distill.teacher:
+            t_cfg, self._teacher_weights = _load_weights(config.distill.teacher)
+            runtime = {k: getattr(self.model_config, k) for k in RUNTIME_FIELDS
+                       if k != "capacity_factor"}
+            self.teacher_config = dataclasses.replace(t_cfg, **runtime)
+            if self.teacher_config.vocab_size != self.model_config.vocab_size:
+                raise ConfigError(
+                    f"distill.teacher {config.distill.teacher!r} has vocab_size "
+                    f"{self.teacher_config.vocab_size}, the student {self.model_config.vocab_size}"
+                    ": distillation compares logits token by token, so they must match "
+                    "(set model.vocab_size)."
+                )
+            self.teacher = Llama(self.teacher_config)
+        self._tokenizer = None
+
+    # ------------------------------------------------------------------ model
+
+    def init_params(self, rng: jax.Array) -> Any:
+        return init_params(self.model_config, rng)
+
+    def init_frozen(self, rng: jax.Array) -> Any:
+        if self.teacher_config is None:
+            return {}
+        return {"teacher": init_params(self.teacher_config, rng)}
+
+    def pretrained(self) -> dict[str, Any]:
+        weights = {}
+        if self._init_weights is not None:
+            weights["params"] = self._init_weights
+        if self._teacher_weights is not None:
+            weights["frozen"] = {"teacher": self._teacher_weights}
+        return weights
+
+    def _apply(self, model: Llama, params, batch):
+        return model.apply({"params": params}, batch["inputs"], batch["positions"],
+                           batch["segment_ids"])
+
+    def loss_fn(self, params, batch, rng, frozen):
+        c = self.config
+        logits, aux = self._apply(self.model, params, batch)
+        targets, mask = batch["targets"], batch["loss_mask"]
+        if self.teacher_config is not None:
+            teacher_logits, _ = self._apply(self.teacher, frozen["teacher"], batch)
+            loss, metrics = distillation_loss(
+                logits, teacher_logits, targets, mask,
+                alpha=c.distill.alpha, temperature=c.distill.temperature)
+        else:
+            loss, metrics = next_token_loss(logits, targets, mask, c.loss.z_loss)
+            if not c.loss.z_loss:
+                metrics.pop("z_loss")
+        metrics["perplexity"] = jnp.exp(metrics["ce"])
+        if self.model_config.num_experts:
+            for name in ("load_balance", "balance_deviation", "router_z"):
+                coef = c.loss[name]
+                if coef:
+                    loss = loss + coef * aux[name]
+                metrics[f"moe/{name}"] = aux[name]
+            metrics["moe/expert_load"] = aux["expert_load"]
+            metrics["moe/dropped_fraction"] = aux["dropped_fraction"]
+        return loss, metrics
+
+    def step_tokens(self, batch) -> int:
+        return int(np.prod(batch["inputs"].shape))
+
+    def model_flops_per_step(self, batch) -> float:
+        """``tokens · flops_per_token(length)`` (LlamaConfig.flops_per_token), plus the
+        teacher's forward pass (a third of its training FLOPs) when distilling."""
+        rows, length = batch["inputs"].shape
+        flops = rows * length * self.model_config.flops_per_token(length)
+        if self.teacher_config is not None:
+            flops += rows * length * self.teacher_config.flops_per_token(length) / 3
+        return flops
+
+    # ------------------------------------------------------------------ data
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from jaxtrain.data.tokenizers import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.config.data.tokenizer)
+            vocab = len(self._tokenizer)
+            if vocab > self.model_config.vocab_size:
+                raise ConfigError(
+                    f"Tokenizer {self.config.data.tokenizer!r} has {vocab} tokens but "
+                    f"model.vocab_size is {self.model_config.vocab_size}: set model.vocab_size "
+                    f">= {vocab} (rounded up to a multiple of 128, e.g. "
+                    f"{-(-vocab // 128) * 128})."
+                )
+        return self._tokenizer
+
+    def _rows(self, split: str) -> dict[str, np.ndarray]:
+        d = self.config.data
+        if d.kind == "synthetic":
+            return _synthetic_rows(d.train_examples if split == "train" else d.eval_examples,
+                                   d.seq_len, self.model_config.vocab_size,
+                                   seed=self.config.seed + (split != "train"))
+        from jaxtrain.data import text
+
+        source, split_name = d.source, split
+        if split != "train" and d.eval_source:  # a separate eval set: all of it
+            source, split_name = d.eval_source, "all"
+        tok = self.tokenizer
+        limit = d.max_documents or None
+        if d.kind == "text":
+            docs = text.load_documents(source, split=split_name, text_field=d.text_field,
+                                       max_documents=limit)
+            build = lambda: text.pretrain_rows(docs, tok, seq_len=d.seq_len, mode=d.mode)  # noqa: E731
+            key = text.rows_cache_key(source=source, split=split, tokenizer_name=d.tokenizer,
+                                      tokenizer=tok, seq_len=d.seq_len, mode=d.mode,
+                                      documents=docs)
+        else:
+            from jaxtrain.data import chat
+
+            if source == chat.BUILTIN_CHAT:
+                limit = d.train_examples if split == "train" else d.eval_examples
+            examples = chat.load_chat_examples(source, split=split_name, n=limit,
+                                               seed=self.config.seed)
+            fields = [f.strip() for f in d.text_fields.split(",") if f.strip()] or None
+            build = lambda: chat.sft_rows(examples, tok, seq_len=d.seq_len,  # noqa: E731
+                                          packing=d.packing, text_fields=fields)
+            key = text.rows_cache_key(
+                source=source, split=split, tokenizer_name=d.tokenizer, tokenizer=tok,
+                seq_len=d.seq_len, mode="chat-packed" if d.packing else "chat",
+                documents=[json.dumps(e, sort_keys=True, default=str) for e in examples],
+                text_fields=fields)
+        rows = text.cached_rows(key, build, d.cache_dir or None)
+        if not len(rows["inputs"]):
+            raise ValueError(f"data.source {source!r} ({split}) gave no rows of "
+                             f"{d.seq_len} tokens: use more data or a shorter data.seq_len.")
+        return rows
+
+    def train_iterator(self, *, seed, batch_size, process_index, process_count):
+        from jaxtrain.data import pipeline
+        from jaxtrain.data.text import TokenRows
+
+        rows = self._rows("train")
+        logging.info("LM train data: %d rows x %d tokens (%d loss tokens).", len(rows["inputs"]),
+                     self.config.data.seq_len, int(rows["loss_mask"].sum()))
+        return pipeline.train_iterator(
+            TokenRows(rows), batch_size=batch_size, seed=seed, process_index=process_index,
+            process_count=process_count,
+            transform=curriculum_transform(self.stages) if self.stages else None,
+        )
+
+    def eval_batches(self, *, batch_size, process_index, process_count):
+        from jaxtrain.data import pipeline
+        from jaxtrain.data.text import TokenRows
+
+        rows = self._rows("validation")
+        if self.config.data.eval_rows:
+            rows = {k: v[: self.config.data.eval_rows] for k, v in rows.items()}
+        return pipeline.eval_batches(TokenRows(rows), batch_size=batch_size,
+                                     process_index=process_index, process_count=process_count)
+
+    def eval_step(self, params, batch, frozen):
+        logits, _ = self._apply(self.model, params, batch)
+        nll, _ = token_cross_entropy(logits, batch["targets"])
+        mask = batch["loss_mask"].astype(jnp.float32)
+        return {"nll": jnp.sum(nll * mask, axis=-1), "tokens": jnp.sum(mask, axis=-1)}
+
+    def eval_metrics(self, outputs) -> dict[str, float]:
+        tokens = float(np.sum(outputs["tokens"]))
+        loss = float(np.sum(outputs["nll"])) / max(tokens, 1.0)
+        return {"loss": loss, "perplexity": float(np.exp(loss)), "tokens": tokens}
+
+
+def _synthetic_rows(n: int, seq_len: int, vocab: int, seed: int) -> dict[str, np.ndarray]:
+    """Uniform random tokens (benchmarks): one document per row, every target counted."""
+    tokens = np.random.default_rng(seed).integers(0, vocab, (n, seq_len + 1), dtype=np.int32)
+    return {
+        "inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+        "loss_mask": np.ones((n, seq_len), np.float32),
+        "segment_ids": np.ones((n, seq_len), np.int32),
+        "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (n, seq_len)).copy(),
+    }
+
+
+def _load_weights(path: str) -> tuple[LlamaConfig, Any]:
+    """(model config, params as numpy) from a Hugging Face directory (config.json +
+    safetensors) or a jaxtrain workdir."""
+    if not os.path.exists(path):
+        raise ConfigError(f"{path!r} (init_from / distill.teacher) does not exist: give a "
+                          "Hugging Face model directory or a jaxtrain workdir.")
+    if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(
+            os.path.join(path, "checkpoints")):
+        from jaxtrain.hf.llama import load_hf
+
+        cfg, params = load_hf(path)
+        return cfg, params
+    from jaxtrain.checkpoint import read_params
+
+    saved, params = read_params(path)
+    if saved.get("task") != LMTask.name:
+        raise ConfigError(f"{path!r} holds a {saved.get('task')!r} run, not a language model.")
+    model = saved["model"]
+    return _model_config(model), params
+
