@@ -106,7 +106,11 @@ class LlamaConfig:
                 f"({self.num_heads}), or set head_dim"
             )
         if self.head_size % 2:
-            raise ValueError(f"the head dimension must be even for RoPE; got {self.head_size}")
+            raise ValueError(f"LlamaConfig.head_dim (or hidden_size / num_heads) must be even "
+                             f"for RoPE; got {self.head_size}")
+        for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"LlamaConfig.{name} must be > 0; got {getattr(self, name)!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"LlamaConfig.dtype must be one of {sorted(DTYPES)}; "
                              f"got {self.dtype!r}")
