@@ -21,12 +21,15 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxtrain.mesh import shard_batch
+from jaxtrain.mesh import batch_sharding, shard_batch
 from jaxtrain.trainer import Trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
 _SYNC = flags.DEFINE_bool("sync", False, "Block on every step (CPU: avoids queueing overhead).")
+_COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only", False, "Compile from shapes only (no arrays, no steps): XLA's FLOPs and "
+    "memory analysis of a model too big to run here.")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Per-device peak TFLOP/s for MFU (0 = table).")
 
 
@@ -34,6 +37,8 @@ def main(argv) -> None:
     del argv
     config = _CONFIG.value
     trainer = Trainer(config, workdir="/tmp/jaxtrain-benchmark")
+    if _COMPILE_ONLY.value:
+        return compile_only(trainer)
     it = trainer.task.train_iterator(seed=config.seed, batch_size=config.train.batch_size,
                                      process_index=0, process_count=1)
     batches = [shard_batch(next(it), trainer.mesh) for _ in range(min(_STEPS.value, 8))]
@@ -68,6 +73,32 @@ def main(argv) -> None:
         "tflops_per_second_per_device": round(flops * sps / 1e12, 4),
         "mfu": round(flops * sps / 1e12 / peak, 4) if peak else None,
         "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
+        "memory_bytes": {k: getattr(memory, k, None) for k in (
+            "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+            "generated_code_size_in_bytes")},
+    }))
+
+
+def compile_only(trainer: Trainer) -> None:
+    host = next(trainer.task.train_iterator(
+        seed=0, batch_size=trainer.config.train.batch_size, process_index=0, process_count=1))
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(trainer.mesh,
+                                                                               v.ndim))
+             for k, v in host.items()}
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         trainer.abstract_state, trainer.state_shardings)
+    compiled = trainer.compiled_step(state, batch)
+    memory = compiled.fn.memory_analysis()
+    print(json.dumps({
+        "config": flags.FLAGS["config"].config_filename,
+        "device": jax.devices()[0].device_kind,
+        "devices": jax.device_count(),
+        "batch": {k: list(v.shape) for k, v in batch.items()},
+        "params": sum(x.size for x in jax.tree.leaves(trainer.abstract_state.params)),
+        "compile_seconds": round(compiled.seconds, 2),
+        "tokens_per_step": compiled.tokens,
+        "xla_flops_per_step_per_device": compiled.xla_flops,
+        "model_flops_per_step": compiled.model_flops,
         "memory_bytes": {k: getattr(memory, k, None) for k in (
             "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
             "generated_code_size_in_bytes")},
