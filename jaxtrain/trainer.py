@@ -208,6 +208,7 @@ class Trainer:
         self._compiled: dict[tuple, _CompiledStep] = {}
         self._eval_step = jax.jit(self.task.eval_step)
         self._preempted = False
+        self._use_sync_point = jax.process_count() > 1
 
     # ------------------------------------------------------------------ state
 
@@ -461,7 +462,8 @@ class Trainer:
                     stopped_early = progress.update(done, eval_metrics, cfg)
 
                 log_step = done % cfg.train.log_every == 0
-                last = done == stop or stopped_early or self._preempted_everywhere(log_step)
+                last = (done == stop or stopped_early or self._preemption_notice(done)
+                        or self._preempted_everywhere(log_step))
                 new_best = progress.best_step == done and eval_metrics is not None
                 if done % ckpt_every == 0 or last or (cfg.checkpoint.best_metric and new_best):
                     self._save(ckpt, done, state, train_iter, make_meta(done), eval_metrics)
@@ -487,6 +489,21 @@ class Trainer:
             stopped_early=stopped_early,
             preempted=self._preempted,
         )
+
+    def _preemption_notice(self, step: int) -> bool:
+        """JAX's preemption service (multi-host runs, e.g. a TPU maintenance event) says every
+        process should save at this step. Cheap and collective-free; called on every step."""
+        if not self._use_sync_point:
+            return False
+        try:
+            reached = multihost_utils.reached_preemption_sync_point(step)
+        except RuntimeError:  # no preemption service (single process, or not enabled)
+            self._use_sync_point = False
+            return False
+        if reached:
+            logging.warning("Preemption notice at step %d: saving and stopping.", step)
+            self._preempted = True
+        return reached
 
     def _preempted_everywhere(self, may_sync: bool) -> bool:
         """SIGTERM seen by any process. Multi-host, this needs a collective: only at log steps."""
