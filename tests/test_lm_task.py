@@ -152,6 +152,11 @@ def test_starts_from_hugging_face_weights(tmp_path):
         np.testing.assert_allclose(x, y, rtol=1e-6)
     with pytest.raises(ConfigError, match="does not exist"):
         Trainer(load_config("sft", init_from=str(tmp_path / "nope")))
+    # the same directory as a distillation teacher: frozen with exactly those weights
+    teacher = Trainer(load_config("distill", f"runlocal,teacher={tmp_path / 'hf'}"),
+                      str(tmp_path / "student")).init_state().frozen["teacher"]
+    for x, y in zip(leaves(teacher), leaves(params), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-6)
 
 
 def test_tokenizer_larger_than_the_vocabulary_is_a_clear_error(tmp_path):
