@@ -3,7 +3,11 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/mesh_recipes.py \
         --config=configs/clip.py
 
-Recipes (8 devices): pure data parallel, FSDP, FSDP + tensor parallel, data x FSDP x tensor.
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/mesh_recipes.py \
+        --config=configs/moe.py:runlocal      # adds the expert-parallel recipes
+
+Recipes (8 devices): pure data parallel, FSDP, FSDP + tensor parallel, data x FSDP x tensor, and
+for mixture-of-experts models FSDP + expert and data x expert.
 Prints a table: parameter + optimizer bytes held by device 0, and XLA's compiled memory analysis
 of the train step (arguments, temporaries) per device. On CPU this is what XLA plans; on a GPU
 it is what the step allocates.
@@ -27,6 +31,10 @@ RECIPES = {
     "fsdp": dict(data=1, fsdp=-1, tensor=1),
     "fsdp + tensor": dict(data=1, fsdp=-1, tensor=2),
     "data x fsdp x tensor": dict(data=2, fsdp=-1, tensor=2),
+}
+EXPERT_RECIPES = {  # only for models with experts (config.model.num_experts > 0)
+    "fsdp + expert": dict(data=1, fsdp=2, tensor=1, expert=4),
+    "data x expert": dict(data=2, fsdp=1, tensor=1, expert=4),
 }
 
 
@@ -61,7 +69,10 @@ def measure(config) -> dict:
 def main(argv) -> None:
     del argv
     rows = {}
-    for name, mesh in RECIPES.items():
+    recipes = dict(RECIPES)
+    if _CONFIG.value.model.get("num_experts", 0):
+        recipes.update(EXPERT_RECIPES)
+    for name, mesh in recipes.items():
         config = _CONFIG.value.copy_and_resolve_references()
         with config.unlocked():
             config.mesh.update(mesh)

@@ -168,10 +168,10 @@ class LlamaConfig:
             6 * N_active + 12 * L * H * Dh * S_attended
 
         N_active = the matmul parameters a token passes through (embedding lookup excluded, the
-        output head included; with MoE only the k routed experts count); the second term is the
-        attention score and value matmuls (2 * 2 * S * H * Dh per layer forward, halved for the
-        causal mask... kept whole as in PaLM's and MaxText's convention, S = the sequence length,
-        or the sliding window when shorter).
+        output head included; with MoE only the k routed experts and the router count). The
+        second term is the attention matmuls QKᵀ and AV: 2 · 2 · S · H · Dh FLOPs per token and
+        layer forward, × 3 for training, over the whole S = the sequence length (or the sliding
+        window when shorter) — not halved for the causal mask, the convention of PaLM's MFU.
         """
         d, f, h, k, dh = (self.hidden_size, self.intermediate_size, self.num_heads,
                           self.num_kv_heads, self.head_size)
