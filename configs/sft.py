@@ -21,8 +21,9 @@ def get_config(arg: str | None = None):
     args = parse_variants(arg, ("runlocal", "steps=N", "nopack", "size=tiny|small"),
                           "configs/sft.py")
     c = LMTask.default_config()
-    c.model.update(dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                        intermediate_size=384, tie_embeddings=True, vocab_size=50304))
+    # The tiny model of configs/lm.py, with grouped-query attention (3 query heads, 1 kv head).
+    c.model.update(dict(hidden_size=96, num_layers=4, num_heads=3, num_kv_heads=1,
+                        intermediate_size=256, tie_embeddings=True, vocab_size=50304))
     if args.get("size", "tiny") == "small":
         c.model.update(dict(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12,
                             intermediate_size=2048, tie_embeddings=False, dtype="bfloat16"))
@@ -33,7 +34,7 @@ def get_config(arg: str | None = None):
     c.data.train_examples = 4000
     c.data.eval_examples = 200
     c.data.eval_rows = 0
-    c.train.batch_size = 16
+    c.train.batch_size = 8
     c.train.steps = 300
     c.train.log_every = 25
     c.optim.lr = 2e-3
