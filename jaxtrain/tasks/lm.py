@@ -331,7 +331,8 @@ def _load_weights(path: str) -> tuple[LlamaConfig, Any]:
     safetensors) or a jaxtrain workdir."""
     if not os.path.exists(path):
         raise ConfigError(f"{path!r} (init_from / distill.teacher) does not exist: give a "
-                          "Hugging Face model directory or a jaxtrain workdir.")
+                          "Hugging Face model directory or a jaxtrain workdir (e.g. runs/lm, "
+                          "which `python -m jaxtrain.main --config=configs/lm.py` writes).")
     if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(
             os.path.join(path, "checkpoints")):
         from jaxtrain.hf.llama import load_hf
