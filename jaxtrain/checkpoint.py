@@ -171,7 +171,7 @@ def read_params(path: str) -> tuple[dict, Any]:
     """(config dict, params as host numpy arrays) of a jaxtrain run's newest checkpoint.
 
     `path` is a workdir, its `checkpoints/` directory, or one step directory. Used to load a
-    frozen teacher or initial weights; the train state's other parts are not read.
+    frozen teacher or initial weights. A LoRA run's adapters are merged into its base weights.
     """
     step_dir = path
     if not os.path.isdir(os.path.join(step_dir, "state")):
@@ -197,4 +197,13 @@ def read_params(path: str) -> tuple[dict, Any]:
     if meta_file:
         with open(meta_file) as f:
             config = json.load(f).get("config", {})
-    return config, state["params"]
+    params = state["params"]
+    lora = config.get("lora", {})
+    if lora.get("rank"):
+        import ml_collections
+
+        from jaxtrain.lora import merge
+
+        params = jax.device_get(merge(params, state["frozen"]["lora_base"],
+                                      ml_collections.ConfigDict(lora)))
+    return config, params

@@ -88,6 +88,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.best_mode = "max"
     c.checkpoint.async_save = True
 
+    # LoRA (any task): rank 0 = off. See jaxtrain/lora.py.
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 16.0  # the update is scaled by alpha / rank
+    c.lora.dropout = 0.0
+    c.lora.targets = r".*(q_proj|k_proj|v_proj|o_proj)/kernel"  # regex over kernel paths
+    c.lora.trainable = ""  # regex: other parameters trained in full (e.g. '.*norm.*')
+    c.lora.base_dtype = "float32"  # frozen base weights: 'float32' | 'bfloat16'
+
     c.model = ml_collections.ConfigDict()
     c.data = ml_collections.ConfigDict()
     return c
@@ -156,6 +165,15 @@ def check_types(cfg: Mapping, schema: Mapping) -> None:
 
 Rule = tuple[str, Callable[[Any], bool], str]
 
+
+def _is_regex(value: str) -> bool:
+    try:
+        re.compile(value)
+    except re.error:
+        return False
+    return True
+
+
 _RULES: list[Rule] = [
     ("seed", lambda v: v >= 0, "must be >= 0"),
     ("train.batch_size", lambda v: v > 0, "must be > 0"),
@@ -185,6 +203,12 @@ _RULES: list[Rule] = [
     ("checkpoint.every", lambda v: v >= 0, "must be >= 0 (0 = only at the end)"),
     ("checkpoint.keep", lambda v: v >= 1, "must be >= 1"),
     ("checkpoint.best_mode", lambda v: v in MODES, f"must be one of {MODES}"),
+    ("lora.rank", lambda v: v >= 0, "must be >= 0 (0 = off)"),
+    ("lora.alpha", lambda v: v > 0, "must be > 0"),
+    ("lora.dropout", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    ("lora.base_dtype", lambda v: v in ("float32", "bfloat16"), "must be 'float32' or 'bfloat16'"),
+    ("lora.targets", _is_regex, "must be a valid regular expression"),
+    ("lora.trainable", _is_regex, "must be a valid regular expression"),
 ]
 
 

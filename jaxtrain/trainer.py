@@ -199,6 +199,10 @@ class Trainer:
         self.mesh = mesh_lib.make_mesh(config.mesh, devices)
         check_divisibility(config, mesh_lib.data_parallel_size(self.mesh))
         self.task = task_cls(config)
+        if config.lora.rank:
+            from jaxtrain.lora import LoraTask
+
+            self.task = LoraTask(self.task)
         self.tx, self.schedule = build_optimizer(config.optim, config.train.steps)
         self._build_state_shardings()
         self._train_step_fn = make_train_step(
@@ -213,6 +217,7 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def _keys(self):
+        # "params" is tasks.base.params_key(seed): tasks rely on it
         base = jax.random.PRNGKey(self.config.seed)
         return {name: jax.random.fold_in(base, i) for i, name in
                 enumerate(("params", "frozen", "train"))}
@@ -258,14 +263,19 @@ class Trainer:
         with the task's pretrained weights (if any) in place of the random ones."""
         state = self._init()
         for field, tree in self.task.pretrained().items():
-            target = getattr(state, field)
-            _check_same_shapes(field, tree, target)
-            shardings = getattr(self.state_shardings, field)
-            tree = jax.tree.map(
-                lambda x, t, s: jax.make_array_from_callback(
-                    t.shape, s, lambda idx, x=x, t=t: np.asarray(x[idx], dtype=t.dtype)),
-                tree, target, shardings)
-            state = state.replace(**{field: tree})
+            target, shardings = getattr(state, field), getattr(self.state_shardings, field)
+            given = {path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+            _check_fits(field, given, target)
+
+            def put(path, t, s, given=given):
+                x = given.get(path_str(path))
+                if x is None:  # not given: keeps its init
+                    return t
+                return jax.make_array_from_callback(
+                    t.shape, s, lambda idx: np.asarray(x[idx], dtype=t.dtype))
+
+            state = state.replace(**{field: jax.tree_util.tree_map_with_path(
+                put, target, shardings)})
         return state
 
     # ------------------------------------------------------------------ steps
@@ -593,17 +603,16 @@ class Trainer:
             logging.warning("Config differs from the checkpoint's: %s: %r -> %r", k, old, new)
 
 
-def _check_same_shapes(field: str, tree: Any, target: Any) -> None:
-    have = {path_str(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+def _check_fits(field: str, given: dict[str, Any], target: Any) -> None:
+    """Every given pretrained leaf must exist in the state with the same shape."""
     want = {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(target)}
-    if have != want:
-        missing = sorted(set(want) - set(have))[:5]
-        extra = sorted(set(have) - set(want))[:5]
-        differ = [f"{k}: {have[k]} vs model {want[k]}" for k in sorted(set(have) & set(want))
-                  if have[k] != want[k]][:5]
+    unexpected = sorted(set(given) - set(want))[:5]
+    differ = [f"{k}: {np.shape(given[k])} vs model {want[k]}"
+              for k in sorted(set(given) & set(want)) if tuple(np.shape(given[k])) != want[k]][:5]
+    if unexpected or differ:
         raise ConfigError(
-            f"The pretrained {field} do not fit the model: missing {missing}, unexpected {extra}, "
-            f"shapes differ {differ}. Check the model config against the weights' source."
+            f"The pretrained {field} do not fit the model: unexpected {unexpected}, shapes differ "
+            f"{differ}. Check the model config against the weights' source."
         )
 
 

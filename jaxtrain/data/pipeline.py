@@ -63,3 +63,22 @@ def eval_batches(
         batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
         batch["valid"] = np.asarray(valid, dtype=bool)
         yield batch
+
+
+class ArrayRows(Sequence):
+    """Random-access rows over a dict of arrays sharing their leading (row) dimension."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
+        sizes = {k: len(v) for k, v in arrays.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"Row arrays must have the same number of rows; got {sizes}.")
+        self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        self.num_rows = next(iter(sizes.values()))
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:  # type: ignore[override]
+        if not -self.num_rows <= index < self.num_rows:
+            raise IndexError(f"row {index} out of range for {self.num_rows} rows")
+        return {k: v[index] for k, v in self.arrays.items()}

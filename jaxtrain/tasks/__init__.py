@@ -11,6 +11,7 @@ from jaxtrain.tasks.base import Task
 _TASKS: dict[str, str | type[Task]] = {
     "clip": "jaxtrain.tasks.clip:ClipTask",
     "lm": "jaxtrain.tasks.lm:LMTask",
+    "dpo": "jaxtrain.tasks.dpo:DPOTask",
 }
 
 

@@ -16,6 +16,12 @@ import numpy as np
 from jaxtrain.config import Rule
 
 
+def params_key(seed: int) -> jax.Array:
+    """The key the trainer initialises params with (`Trainer._keys()["params"]`), for tasks
+    whose frozen part must start equal to the params (a DPO reference, a LoRA base)."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), 0)
+
+
 class Task(abc.ABC):
     """A kind of training. Subclasses set `name` and implement the abstract methods."""
 
@@ -48,9 +54,9 @@ class Task(abc.ABC):
 
     def pretrained(self) -> dict[str, Any]:
         """Weights to start from instead of the random init, as host arrays: {"params": ...,
-        "frozen": ...} (either may be absent), each with the exact structure and shapes of the
-        init. Loaded outside jit (never baked into the compiled program), only on a fresh
-        start, never on resume. Default: none."""
+        "frozen": ...} (either may be absent), nested like the init; leaves left out keep their
+        init, a leaf the init lacks or of another shape is an error. Loaded outside jit (never
+        baked into the compiled program), only on a fresh start, never on resume."""
         return {}
 
     @abc.abstractmethod

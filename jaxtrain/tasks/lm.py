@@ -78,7 +78,7 @@ def curriculum_transform(stages: list[tuple[int, int]]):
     return transform
 
 
-def _model_config(d: dict) -> LlamaConfig:
+def model_config(d: dict) -> LlamaConfig:
     try:
         return LlamaConfig.from_dict(d)
     except ValueError as e:
@@ -138,16 +138,16 @@ class LMTask(Task):
         model = config.model.to_dict()
         self._init_weights = None
         if config.init_from:
-            shape_cfg, self._init_weights = _load_weights(config.init_from)
+            shape_cfg, self._init_weights = load_weights(config.init_from)
             model = {**dataclasses.asdict(shape_cfg),
                      **{k: model[k] for k in RUNTIME_FIELDS}}
-        self.model_config = _model_config(model)
+        self.model_config = model_config(model)
         self.model = Llama(self.model_config)
         self.stages = parse_curriculum(config.data.curriculum, config.data.seq_len)
         self.teacher_config = None
         self._teacher_weights = None
         if config.distill.teacher:
-            t_cfg, self._teacher_weights = _load_weights(config.distill.teacher)
+            t_cfg, self._teacher_weights = load_weights(config.distill.teacher)
             runtime = {k: getattr(self.model_config, k) for k in RUNTIME_FIELDS
                        if k != "capacity_factor"}
             self.teacher_config = dataclasses.replace(t_cfg, **runtime)
@@ -226,17 +226,8 @@ class LMTask(Task):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from jaxtrain.data.tokenizers import load_tokenizer
-
-            self._tokenizer = load_tokenizer(self.config.data.tokenizer)
-            vocab = len(self._tokenizer)
-            if vocab > self.model_config.vocab_size:
-                raise ConfigError(
-                    f"Tokenizer {self.config.data.tokenizer!r} has {vocab} tokens but "
-                    f"model.vocab_size is {self.model_config.vocab_size}: set model.vocab_size "
-                    f">= {vocab} (rounded up to a multiple of 128, e.g. "
-                    f"{-(-vocab // 128) * 128})."
-                )
+            self._tokenizer = load_lm_tokenizer(self.config.data.tokenizer,
+                                                self.model_config.vocab_size)
         return self._tokenizer
 
     def _rows(self, split: str) -> dict[str, np.ndarray]:
@@ -315,6 +306,20 @@ class LMTask(Task):
         return {"loss": loss, "perplexity": float(np.exp(loss)), "tokens": tokens}
 
 
+def load_lm_tokenizer(name: str, vocab_size: int):
+    """`data.tokenizer`, checked against the model's vocabulary."""
+    from jaxtrain.data.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(name)
+    if len(tok) > vocab_size:
+        raise ConfigError(
+            f"Tokenizer {name!r} has {len(tok)} tokens but model.vocab_size is {vocab_size}: set "
+            f"model.vocab_size >= {len(tok)} (rounded up to a multiple of 128, e.g. "
+            f"{-(-len(tok) // 128) * 128})."
+        )
+    return tok
+
+
 def _synthetic_rows(n: int, seq_len: int, vocab: int, seed: int) -> dict[str, np.ndarray]:
     """Uniform random tokens (benchmarks): one document per row, every target counted."""
     tokens = np.random.default_rng(seed).integers(0, vocab, (n, seq_len + 1), dtype=np.int32)
@@ -326,7 +331,7 @@ def _synthetic_rows(n: int, seq_len: int, vocab: int, seed: int) -> dict[str, np
     }
 
 
-def _load_weights(path: str) -> tuple[LlamaConfig, Any]:
+def load_weights(path: str) -> tuple[LlamaConfig, Any]:
     """(model config, params as numpy) from a Hugging Face directory (config.json +
     safetensors) or a jaxtrain workdir."""
     if not os.path.exists(path):
@@ -342,8 +347,8 @@ def _load_weights(path: str) -> tuple[LlamaConfig, Any]:
     from jaxtrain.checkpoint import read_params
 
     saved, params = read_params(path)
-    if saved.get("task") != LMTask.name:
+    if saved.get("task") not in (LMTask.name, "dpo"):
         raise ConfigError(f"{path!r} holds a {saved.get('task')!r} run, not a language model.")
     model = saved["model"]
-    return _model_config(model), params
+    return model_config(model), params
 

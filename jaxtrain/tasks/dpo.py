@@ -1,0 +1,273 @@
+"""Direct preference optimisation of a causal LM against a frozen reference.
+
+Each example is a prompt with a chosen and a rejected response. The policy scores both in one
+forward pass (chosen and rejected rows concatenated); a sequence's log-prob sums
+log p(token) over its response tokens only. The reference (``dpo.reference``) is
+
+* ``model``: a frozen copy of the starting policy in ``frozen["reference"]``, sharded like the
+  policy; with LoRA (``lora.rank > 0``) the base weights (adapters off) are the reference and no
+  copy is kept;
+* ``precomputed``: log-probs stored with the dataset (``ref_chosen_logps`` /
+  ``ref_rejected_logps`` columns), or computed once from the starting weights when the rows are
+  built and cached with them — no reference model in memory while training;
+* ``none``: reference-free (reference log-probs 0).
+
+Losses (``dpo.loss_type``): see :mod:`jaxtrain.losses.preference`. Metrics follow TRL's names
+(``rewards/chosen``, ``rewards/accuracies``, ``logps/chosen``, ...), plus ``kl``: the mean
+per-token log-ratio log π − log π_ref over both responses, an estimate of KL(π ‖ π_ref).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from ml_collections import config_dict
+
+from jaxtrain.config import ConfigError, base_config
+from jaxtrain.losses.preference import LOSS_TYPES, preference_loss, sequence_logps
+from jaxtrain.models.llama import Llama, LlamaConfig, init_params
+from jaxtrain.tasks.base import Task, params_key
+from jaxtrain.tasks.lm import RUNTIME_FIELDS, load_lm_tokenizer, load_weights, model_config
+
+SIDES = ("chosen", "rejected")
+ROW = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
+
+
+class DPOTask(Task):
+    name = "dpo"
+    activation_sharding = True
+
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        c = base_config()
+        c.task = cls.name
+        model = dataclasses.asdict(LlamaConfig())
+        model["attention_impl"] = config_dict.placeholder(str)
+        c.model = ml_collections.ConfigDict(model)
+        c.init_from = ""  # the starting policy: a jaxtrain workdir (e.g. runs/sft) or HF dir
+        c.data = ml_collections.ConfigDict(dict(
+            source="builtin",  # built-in arithmetic pairs | local json/jsonl/parquet/arrow | hub
+            eval_source="",  # a separate eval set (all of it); default: the validation split
+            tokenizer="gpt2",
+            max_length=64,  # prompt + response tokens
+            max_prompt_length=48,  # longer prompts keep their end
+            max_documents=0,  # use at most this many pairs (0 = all)
+            train_examples=2000,  # built-in sizes
+            eval_examples=200,
+            cache_dir="",
+        ))
+        c.dpo = ml_collections.ConfigDict(dict(
+            beta=0.1, loss_type="sigmoid", label_smoothing=0.0, reference="model"))
+        c.eval.batch_size = 64
+        return c
+
+    @classmethod
+    def config_rules(cls):
+        return [
+            ("dpo.beta", lambda v: v > 0, "must be > 0"),
+            ("dpo.loss_type", lambda v: v in LOSS_TYPES, f"must be one of {LOSS_TYPES}"),
+            ("dpo.label_smoothing", lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
+            ("dpo.reference", lambda v: v in ("model", "precomputed", "none"),
+             "must be 'model', 'precomputed' or 'none'"),
+            ("data.max_length", lambda v: v > 1, "must be > 1"),
+            ("data.max_prompt_length", lambda v: v >= 1, "must be >= 1"),
+        ]
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        super().__init__(config)
+        if config.data.max_prompt_length >= config.data.max_length:
+            raise ConfigError(
+                f"data.max_prompt_length ({config.data.max_prompt_length}) must be smaller than "
+                f"data.max_length ({config.data.max_length}): responses need room."
+            )
+        if config.dpo.label_smoothing and config.dpo.loss_type not in ("sigmoid", "robust"):
+            raise ConfigError(
+                f"dpo.label_smoothing ({config.dpo.label_smoothing}) applies to the 'sigmoid' and "
+                f"'robust' losses only, not {config.dpo.loss_type!r}: set it to 0."
+            )
+        model = config.model.to_dict()
+        self._init_weights = None
+        if config.init_from:
+            shape_cfg, self._init_weights = load_weights(config.init_from)
+            model = {**dataclasses.asdict(shape_cfg), **{k: model[k] for k in RUNTIME_FIELDS}}
+        self.model_config = model_config(model)
+        self.model = Llama(self.model_config)
+        self.lora = bool(config.lora.rank)
+        # A separate frozen copy only when needed: LoRA's base already is the start policy.
+        self.keep_reference = config.dpo.reference == "model" and not self.lora
+        self._tokenizer = None
+
+    # ------------------------------------------------------------------ model
+
+    def init_params(self, rng):
+        return init_params(self.model_config, rng)
+
+    def init_frozen(self, rng):
+        if not self.keep_reference:
+            return {}
+        # the starting policy: the same init as the params (replaced by init_from's weights)
+        return {"reference": init_params(self.model_config, params_key(self.config.seed))}
+
+    def pretrained(self) -> dict[str, Any]:
+        if self._init_weights is None:
+            return {}
+        out = {"params": self._init_weights}
+        if self.keep_reference:
+            out["frozen"] = {"reference": self._init_weights}
+        return out
+
+    def _logps(self, params, batch) -> tuple[jax.Array, ...]:
+        """(policy log-probs chosen [B], rejected [B], response tokens chosen [B], rejected [B])."""
+        both = {k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]]) for k in ROW}
+        logits, _ = self.model.apply({"params": params}, both["inputs"], both["positions"],
+                                     both["segment_ids"])
+        logps, counts = sequence_logps(logits, both["targets"], both["loss_mask"])
+        b = batch["chosen_inputs"].shape[0]
+        return logps[:b], logps[b:], counts[:b], counts[b:]
+
+    def _reference(self, batch, frozen) -> tuple[jax.Array, jax.Array]:
+        mode = self.config.dpo.reference
+        if mode == "precomputed":
+            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        if mode == "none":
+            zeros = jnp.zeros(batch["chosen_inputs"].shape[:1], jnp.float32)
+            return zeros, zeros
+        ref = frozen["reference"] if self.keep_reference else frozen["lora_base"]
+        rc, rr, _, _ = self._logps(ref, batch)
+        return jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
+
+    def loss_fn(self, params, batch, rng, frozen):
+        pc, pr, nc, nr = self._logps(params, batch)
+        rc, rr = self._reference(batch, frozen)
+        d = self.config.dpo
+        loss, metrics = preference_loss(pc, pr, rc, rr, beta=d.beta, loss_type=d.loss_type,
+                                        label_smoothing=d.label_smoothing)
+        if d.reference != "none":
+            metrics["kl"] = (jnp.sum(pc - rc) + jnp.sum(pr - rr)) / jnp.maximum(
+                jnp.sum(nc) + jnp.sum(nr), 1.0)
+        return loss, metrics
+
+    def eval_step(self, params, batch, frozen):
+        pc, pr, nc, nr = self._logps(params, batch)
+        rc, rr = self._reference(batch, frozen)
+        return {"pc": pc, "pr": pr, "rc": rc, "rr": rr, "tokens": nc + nr}
+
+    def eval_metrics(self, outputs) -> dict[str, float]:
+        d = self.config.dpo
+        o = {k: jnp.asarray(v) for k, v in outputs.items()}
+        loss, metrics = preference_loss(o["pc"], o["pr"], o["rc"], o["rr"], beta=d.beta,
+                                        loss_type=d.loss_type, label_smoothing=d.label_smoothing)
+        out = {k: float(v) for k, v in metrics.items()}
+        out["loss"] = float(loss)
+        # the policy alone (no reference): how often it gives the chosen answer more probability
+        out["policy_prefers_chosen"] = float(np.mean(np.asarray(o["pc"] > o["pr"])))
+        if d.reference != "none":
+            diff = np.sum(np.asarray(o["pc"] - o["rc"] + o["pr"] - o["rr"]))
+            out["kl"] = float(diff / max(float(np.sum(outputs["tokens"])), 1.0))
+        return out
+
+    def step_tokens(self, batch) -> int:
+        return 2 * int(np.prod(batch["chosen_inputs"].shape))
+
+    def model_flops_per_step(self, batch) -> float:
+        """Policy training on chosen + rejected rows, plus the reference's forward pass."""
+        rows, length = batch["chosen_inputs"].shape
+        per_token = self.model_config.flops_per_token(length)
+        flops = 2 * rows * length * per_token
+        if self.config.dpo.reference == "model":
+            flops += 2 * rows * length * per_token / 3
+        return flops
+
+    # ------------------------------------------------------------------ data
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_lm_tokenizer(self.config.data.tokenizer,
+                                                self.model_config.vocab_size)
+        return self._tokenizer
+
+    def _rows(self, split: str) -> dict[str, np.ndarray]:
+        from jaxtrain.data import preference, text
+
+        d = self.config.data
+        source, split_name = d.source, split
+        if split != "train" and d.eval_source:
+            source, split_name = d.eval_source, "all"
+        limit = d.max_documents or None
+        if source == preference.BUILTIN_PREFERENCE:
+            limit = d.train_examples if split == "train" else d.eval_examples
+        examples = preference.load_preference_examples(source, split=split_name, n=limit,
+                                                       seed=self.config.seed)
+        tok = self.tokenizer
+        precompute = self.config.dpo.reference == "precomputed"
+
+        def build():
+            rows = preference.preference_rows(examples, tok, max_length=d.max_length,
+                                              max_prompt_length=d.max_prompt_length)
+            if precompute and "ref_chosen_logps" not in rows:
+                rows.update(self._reference_logps(rows))
+            return rows
+
+        key = text.rows_cache_key(
+            source=source, split=split_name, tokenizer_name=d.tokenizer, tokenizer=tok,
+            seq_len=d.max_length, mode="preference",
+            documents=[json.dumps(e, sort_keys=True, default=str) for e in examples],
+            max_prompt_length=d.max_prompt_length,
+            reference=_weights_fingerprint(self.config.init_from) if precompute else None)
+        rows = text.cached_rows(key, build, d.cache_dir or None)
+        if precompute and "ref_chosen_logps" not in rows:
+            raise ValueError("dpo.reference='precomputed' but the rows have no reference "
+                             "log-probs.")
+        return rows
+
+    def _reference_logps(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Log-probs of the starting weights, computed once (on this host's first device)."""
+        if self._init_weights is None:
+            raise ConfigError("dpo.reference='precomputed' needs the starting weights "
+                              "(init_from) or ref_chosen_logps / ref_rejected_logps columns.")
+        logging.info("Precomputing reference log-probs for %d pairs.", len(rows["chosen_inputs"]))
+        params = jax.tree.map(jnp.asarray, self._init_weights)
+        fn = jax.jit(lambda p, b: self._logps(p, b)[:2])
+        n, bs = len(rows["chosen_inputs"]), 32
+        out_c, out_r = [], []
+        for start in range(0, n, bs):
+            idx = np.arange(start, start + bs) % n  # pad the last batch by wrapping
+            c, r = fn(params, {k: v[idx] for k, v in rows.items() if k.startswith(SIDES)})
+            out_c.append(np.asarray(c)[: n - start])
+            out_r.append(np.asarray(r)[: n - start])
+        return {"ref_chosen_logps": np.concatenate(out_c).astype(np.float32),
+                "ref_rejected_logps": np.concatenate(out_r).astype(np.float32)}
+
+    def train_iterator(self, *, seed, batch_size, process_index, process_count):
+        from jaxtrain.data import pipeline
+
+        rows = self._rows("train")
+        logging.info("DPO train data: %d pairs x %d tokens.", len(rows["chosen_inputs"]),
+                     self.config.data.max_length)
+        return pipeline.train_iterator(pipeline.ArrayRows(rows), batch_size=batch_size, seed=seed,
+                                       process_index=process_index, process_count=process_count)
+
+    def eval_batches(self, *, batch_size, process_index, process_count):
+        from jaxtrain.data import pipeline
+
+        return pipeline.eval_batches(pipeline.ArrayRows(self._rows("validation")),
+                                     batch_size=batch_size,
+                                     process_index=process_index, process_count=process_count)
+
+
+def _weights_fingerprint(path: str) -> str:
+    """Where the precomputed reference came from: the path and its newest modification time."""
+    newest = 0.0
+    for root, _, files in os.walk(path):
+        for f in files:
+            newest = max(newest, os.path.getmtime(os.path.join(root, f)))
+    return f"{os.path.abspath(path)}@{newest}"
