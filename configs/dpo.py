@@ -56,6 +56,8 @@ def get_config(arg: str | None = None):
         c.lora.dropout = 0.05
         c.optim.lr = 2e-3
     if "runlocal" in args:
+        c.data.max_length = 64
+        c.data.max_prompt_length = 48
         c.data.train_examples = 256
         c.data.eval_examples = 40
         c.train.batch_size = 8
@@ -63,7 +65,7 @@ def get_config(arg: str | None = None):
         c.train.log_every = 5
         c.optim.warmup_steps = 2
         c.eval.every = 10
-        c.eval.batch_size = 20
+        c.eval.batch_size = 40
         c.checkpoint.every = 10
     if "steps" in args:
         c.train.steps = int(args["steps"])

@@ -206,4 +206,5 @@ def read_params(path: str) -> tuple[dict, Any]:
 
         params = jax.device_get(merge(params, state["frozen"]["lora_base"],
                                       ml_collections.ConfigDict(lora)))
+        params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)  # a bf16 base
     return config, params

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zlib
 from typing import Any
 
 import flax.linen as nn
@@ -144,7 +145,9 @@ def merge(params: dict, base: Any, lora_cfg, dropout_rng: jax.Array | None = Non
         lead = _lead_of(a, b, w)
         if dropout_rng is not None and lora_cfg.dropout > 0:
             keep = 1.0 - lora_cfg.dropout
-            rng = jax.random.fold_in(dropout_rng, hash(key) % (2**31))
+            # a stable hash of the path: Python's hash() of a str differs per process, so
+            # hosts (and a resumed run) would draw different masks
+            rng = jax.random.fold_in(dropout_rng, zlib.crc32(key.encode()) % (2**31))
             mask = jax.random.bernoulli(rng, keep, a.shape[:-1]).astype(a.dtype) / keep
             a = a * mask[..., None]
         return (w.astype(jnp.float32) + delta(a, b, w.shape, scale, lead)).astype(jnp.float32)
