@@ -167,11 +167,10 @@ class Checkpointer:
         self.manager.close()
 
 
-def read_params(path: str) -> tuple[dict, Any]:
-    """(config dict, params as host numpy arrays) of a jaxtrain run's newest checkpoint.
+def read_state(path: str) -> tuple[dict, dict]:
+    """(config dict, saved state as host numpy arrays) of a jaxtrain run's newest checkpoint.
 
-    `path` is a workdir, its `checkpoints/` directory, or one step directory. Used to load a
-    frozen teacher or initial weights. A LoRA run's adapters are merged into its base weights.
+    `path` is a workdir, its `checkpoints/` directory, or one step directory.
     """
     step_dir = path
     if not os.path.isdir(os.path.join(step_dir, "state")):
@@ -197,6 +196,14 @@ def read_params(path: str) -> tuple[dict, Any]:
     if meta_file:
         with open(meta_file) as f:
             config = json.load(f).get("config", {})
+    return config, state
+
+
+def read_params(path: str) -> tuple[dict, Any]:
+    """(config dict, params as host numpy arrays) of a jaxtrain run's newest checkpoint (see
+    :func:`read_state`), to load a frozen teacher or initial weights. A LoRA run's adapters
+    are merged into its base weights."""
+    config, state = read_state(path)
     params = state["params"]
     lora = config.get("lora", {})
     if lora.get("rank"):
