@@ -53,6 +53,7 @@ def test_first_step_at_the_reference(sft_dir, variant):
                 ",loss=hinge": 1.0, ",loss=robust": np.log(2)}[variant]
     np.testing.assert_allclose(m["loss"], expected, rtol=1e-5)
     assert m["rewards/chosen"] == 0 and m["rewards/accuracies"] == 0
+    assert abs(m["kl"]) < 1e-6  # KL(policy || reference) = 0 at the start
 
 
 def test_precomputed_reference_equals_the_model_reference(sft_dir, tmp_path):
@@ -66,6 +67,7 @@ def test_precomputed_reference_equals_the_model_reference(sft_dir, tmp_path):
     np.testing.assert_allclose(rows["ref_rejected_logps"][:8], logps[1], rtol=1e-4)
     state, m = first_step(c)
     assert state.frozen == {} and m["loss"] == pytest.approx(np.log(2), rel=1e-4)
+    assert "kl" not in m  # needs the reference's full distributions
 
 
 def test_reference_gets_no_gradient(sft_dir):

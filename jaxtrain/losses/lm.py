@@ -43,6 +43,14 @@ def next_token_loss(
     return loss, {"ce": ce, "z_loss": zl, "tokens": jnp.sum(mask.astype(jnp.float32))}
 
 
+def token_kl(p_logits: Array, q_logits: Array) -> Array:
+    """Per-token ``KL(p ‖ q) = Σ_v p_v (log p_v − log q_v)`` with p = softmax(p_logits),
+    q = softmax(q_logits): [B, T], ≥ 0."""
+    log_p = jax.nn.log_softmax(p_logits.astype(jnp.float32), axis=-1)
+    log_q = jax.nn.log_softmax(q_logits.astype(jnp.float32), axis=-1)
+    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+
+
 def distillation_kl(
     student_logits: Array, teacher_logits: Array, mask: Array, temperature: float = 1.0
 ) -> Array:
@@ -55,9 +63,7 @@ def distillation_kl(
     """
     t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32)) / temperature
     s = student_logits.astype(jnp.float32) / temperature
-    log_p, log_q = jax.nn.log_softmax(t, axis=-1), jax.nn.log_softmax(s, axis=-1)
-    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
-    return temperature**2 * _mean(kl, mask)
+    return temperature**2 * _mean(token_kl(t, s), mask)
 
 
 def distillation_loss(

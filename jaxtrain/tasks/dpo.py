@@ -13,8 +13,9 @@ log p(token) over its response tokens only. The reference (``dpo.reference``) is
 * ``none``: reference-free (reference log-probs 0).
 
 Losses (``dpo.loss_type``): see :mod:`jaxtrain.losses.preference`. Metrics follow TRL's names
-(``rewards/chosen``, ``rewards/accuracies``, ``logps/chosen``, ...), plus ``kl``: the mean
-per-token log-ratio log π − log π_ref over both responses, an estimate of KL(π ‖ π_ref).
+(``rewards/chosen``, ``rewards/accuracies``, ``logps/chosen``, ...), plus ``kl``: the per-token
+KL(π(·|context) ‖ π_ref(·|context)) over the whole vocabulary, averaged over the chosen and
+rejected response tokens (with a reference model; precomputed log-probs cannot give it).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from absl import logging
 from ml_collections import config_dict
 
 from jaxtrain.config import ConfigError, base_config
+from jaxtrain.losses.lm import token_kl
 from jaxtrain.losses.preference import LOSS_TYPES, preference_loss, sequence_logps
 from jaxtrain.models.llama import Llama, LlamaConfig, init_params
 from jaxtrain.tasks.base import Task, params_key
@@ -124,41 +126,51 @@ class DPOTask(Task):
             out["frozen"] = {"reference": self._init_weights}
         return out
 
-    def _logps(self, params, batch) -> tuple[jax.Array, ...]:
-        """(policy log-probs chosen [B], rejected [B], response tokens chosen [B], rejected [B])."""
+    def _forward(self, params, batch) -> tuple[jax.Array, dict]:
+        """Logits of chosen and rejected rows in one pass: ([2B, T, V], the stacked rows)."""
         both = {k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]]) for k in ROW}
         logits, _ = self.model.apply({"params": params}, both["inputs"], both["positions"],
                                      both["segment_ids"])
-        logps, counts = sequence_logps(logits, both["targets"], both["loss_mask"])
-        b = batch["chosen_inputs"].shape[0]
-        return logps[:b], logps[b:], counts[:b], counts[b:]
+        return logits, both
 
-    def _reference(self, batch, frozen) -> tuple[jax.Array, jax.Array]:
+    def _logps(self, params, batch) -> tuple[jax.Array, ...]:
+        """(policy log-probs chosen [B], rejected [B], response tokens chosen [B], rejected [B])."""
+        logits, both = self._forward(params, batch)
+        return _split(*sequence_logps(logits, both["targets"], both["loss_mask"]))
+
+    def _compare(self, params, batch, frozen) -> dict[str, jax.Array]:
+        """Policy and reference log-probs per pair, and the summed per-token KL(π ‖ π_ref) over
+        the response tokens (a reference model only: full distributions are needed)."""
+        logits, both = self._forward(params, batch)
+        pc, pr, nc, nr = _split(*sequence_logps(logits, both["targets"], both["loss_mask"]))
+        out = {"pc": pc, "pr": pr, "tokens": nc + nr}
         mode = self.config.dpo.reference
         if mode == "precomputed":
-            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-        if mode == "none":
-            zeros = jnp.zeros(batch["chosen_inputs"].shape[:1], jnp.float32)
-            return zeros, zeros
-        ref = frozen["reference"] if self.keep_reference else frozen["lora_base"]
-        rc, rr, _, _ = self._logps(ref, batch)
-        return jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
+            out["rc"], out["rr"] = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        elif mode == "none":
+            out["rc"] = out["rr"] = jnp.zeros_like(pc)
+        else:
+            ref = frozen["reference"] if self.keep_reference else frozen["lora_base"]
+            ref_logits = jax.lax.stop_gradient(self._forward(ref, batch)[0])
+            rc, rr, _, _ = _split(*sequence_logps(ref_logits, both["targets"],
+                                                  both["loss_mask"]))
+            out["rc"], out["rr"] = rc, rr
+            kl = jnp.sum(token_kl(logits, ref_logits) * both["loss_mask"], axis=-1)
+            kc, kr, _, _ = _split(kl, kl)
+            out["kl"] = kc + kr
+        return out
 
     def loss_fn(self, params, batch, rng, frozen):
-        pc, pr, nc, nr = self._logps(params, batch)
-        rc, rr = self._reference(batch, frozen)
+        o = self._compare(params, batch, frozen)
         d = self.config.dpo
-        loss, metrics = preference_loss(pc, pr, rc, rr, beta=d.beta, loss_type=d.loss_type,
-                                        label_smoothing=d.label_smoothing)
-        if d.reference != "none":
-            metrics["kl"] = (jnp.sum(pc - rc) + jnp.sum(pr - rr)) / jnp.maximum(
-                jnp.sum(nc) + jnp.sum(nr), 1.0)
+        loss, metrics = preference_loss(o["pc"], o["pr"], o["rc"], o["rr"], beta=d.beta,
+                                        loss_type=d.loss_type, label_smoothing=d.label_smoothing)
+        if "kl" in o:
+            metrics["kl"] = jnp.sum(o["kl"]) / jnp.maximum(jnp.sum(o["tokens"]), 1.0)
         return loss, metrics
 
     def eval_step(self, params, batch, frozen):
-        pc, pr, nc, nr = self._logps(params, batch)
-        rc, rr = self._reference(batch, frozen)
-        return {"pc": pc, "pr": pr, "rc": rc, "rr": rr, "tokens": nc + nr}
+        return self._compare(params, batch, frozen)
 
     def eval_metrics(self, outputs) -> dict[str, float]:
         d = self.config.dpo
@@ -169,9 +181,8 @@ class DPOTask(Task):
         out["loss"] = float(loss)
         # the policy alone (no reference): how often it gives the chosen answer more probability
         out["policy_prefers_chosen"] = float(np.mean(np.asarray(o["pc"] > o["pr"])))
-        if d.reference != "none":
-            diff = np.sum(np.asarray(o["pc"] - o["rc"] + o["pr"] - o["rr"]))
-            out["kl"] = float(diff / max(float(np.sum(outputs["tokens"])), 1.0))
+        if "kl" in outputs:
+            out["kl"] = float(np.sum(outputs["kl"]) / max(float(np.sum(outputs["tokens"])), 1.0))
         return out
 
     def step_tokens(self, batch) -> int:
@@ -262,6 +273,12 @@ class DPOTask(Task):
         return pipeline.eval_batches(pipeline.ArrayRows(self._rows("validation")),
                                      batch_size=batch_size,
                                      process_index=process_index, process_count=process_count)
+
+
+def _split(a: jax.Array, b: jax.Array) -> tuple[jax.Array, ...]:
+    """[2B] chosen-then-rejected values of two arrays -> (a_chosen, a_rejected, b_c, b_r)."""
+    n = a.shape[0] // 2
+    return a[:n], a[n:], b[:n], b[n:]
 
 
 def _weights_fingerprint(path: str) -> str:
