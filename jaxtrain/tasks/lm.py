@@ -336,8 +336,9 @@ def load_weights(path: str) -> tuple[LlamaConfig, Any]:
     safetensors) or a jaxtrain workdir."""
     if not os.path.exists(path):
         raise ConfigError(f"{path!r} (init_from / distill.teacher) does not exist: give a "
-                          "Hugging Face model directory or a jaxtrain workdir (e.g. runs/lm, "
-                          "which `python -m jaxtrain.main --config=configs/lm.py` writes).")
+                          "Hugging Face model directory or a jaxtrain workdir (runs/lm and "
+                          "runs/sft are what `python -m jaxtrain.main --config=configs/lm.py` "
+                          "and `--config=configs/sft.py` write).")
     if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(
             os.path.join(path, "checkpoints")):
         from jaxtrain.hf.llama import load_hf
