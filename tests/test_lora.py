@@ -2,7 +2,6 @@
 adapter model, optimizer state for the adapters alone, a frozen base, trainable extras and
 parameter groups, bfloat16 base, dropout, adapter files, read_params of a LoRA run, 8 devices."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -21,25 +20,11 @@ from jaxtrain.lora import load_adapters, merge, save_adapters, split_axes
 from jaxtrain.mesh import shard_batch
 from jaxtrain.tasks.base import params_key
 from jaxtrain.tree import path_str
+from tests.test_lm_task import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE = jax.devices()[:1]
 NORMS = ".*norm.*"
-
-
-def load_config(name: str, arg: str = "runlocal", **overrides):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(arg)
-    c.train.progress_bar = False
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split("__")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
 
 
 def clip_config(**model):

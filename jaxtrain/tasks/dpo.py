@@ -37,7 +37,13 @@ from jaxtrain.losses.lm import token_kl
 from jaxtrain.losses.preference import LOSS_TYPES, preference_loss, sequence_logps
 from jaxtrain.models.llama import Llama, LlamaConfig, init_params
 from jaxtrain.tasks.base import Task, params_key
-from jaxtrain.tasks.lm import RUNTIME_FIELDS, load_lm_tokenizer, load_weights, model_config
+from jaxtrain.tasks.lm import (
+    RUNTIME_FIELDS,
+    data_source,
+    load_lm_tokenizer,
+    load_weights,
+    model_config,
+)
 
 SIDES = ("chosen", "rejected")
 ROW = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
@@ -210,9 +216,7 @@ class DPOTask(Task):
         from jaxtrain.data import preference, text
 
         d = self.config.data
-        source, split_name = d.source, split
-        if split != "train" and d.eval_source:
-            source, split_name = d.eval_source, "all"
+        source, split_name = data_source(d, split)
         limit = d.max_documents or None
         if source == preference.BUILTIN_PREFERENCE:
             limit = d.train_examples if split == "train" else d.eval_examples

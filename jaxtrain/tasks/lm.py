@@ -238,9 +238,7 @@ class LMTask(Task):
                                    seed=self.config.seed + (split != "train"))
         from jaxtrain.data import text
 
-        source, split_name = d.source, split
-        if split != "train" and d.eval_source:  # a separate eval set: all of it
-            source, split_name = d.eval_source, "all"
+        source, split_name = data_source(d, split)
         tok = self.tokenizer
         limit = d.max_documents or None
         if d.kind == "text":
@@ -304,6 +302,13 @@ class LMTask(Task):
         tokens = float(np.sum(outputs["tokens"]))
         loss = float(np.sum(outputs["nll"])) / max(tokens, 1.0)
         return {"loss": loss, "perplexity": float(np.exp(loss)), "tokens": tokens}
+
+
+def data_source(data: ml_collections.ConfigDict, split: str) -> tuple[str, str]:
+    """(source, split to read) for `split`: a separate `data.eval_source` is read whole."""
+    if split != "train" and data.eval_source:
+        return data.eval_source, "all"
+    return data.source, split
 
 
 def load_lm_tokenizer(name: str, vocab_size: int):
