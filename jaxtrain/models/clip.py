@@ -64,6 +64,7 @@ class ClipConfig:
     embed_dim: int = 128
     init_temperature: float = 0.07  # logit_scale initialised to log(1 / init_temperature)
     max_logit_scale: float = 100.0  # exp(logit_scale) is clipped to this (as in CLIP)
+    logit_bias_init: float | None = None  # a learnable `logit_bias` (SigLIP: -10); None = none
     activation: str = "gelu"  # or 'quick_gelu'
     dtype: str = "float32"  # compute dtype: 'float32' | 'bfloat16'
     remat: bool = False
@@ -95,6 +96,10 @@ class ClipConfig:
                     f"ClipConfig.{tower}_width ({width}) must be divisible by "
                     f"{tower}_heads ({heads})"
                 )
+        if self.logit_bias_init is not None and not isinstance(self.logit_bias_init, int | float):
+            raise ValueError(
+                f"ClipConfig.logit_bias_init must be a number or None; got {self.logit_bias_init!r}"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(
                 f"ClipConfig.dtype must be one of {sorted(DTYPES)}; got {self.dtype!r}"
@@ -269,7 +274,8 @@ class CLIP(nn.Module):
 
     ``__call__(images, tokens)`` returns ``image_embeds`` / ``text_embeds`` (L2-normalised,
     ``[B, embed_dim]``) and ``logit_scale`` (the raw log-scale parameter; the loss computes
-    ``min(exp(logit_scale), max_logit_scale)``). All outputs are float32.
+    ``min(exp(logit_scale), max_logit_scale)``), plus ``logit_bias`` when the config has
+    ``logit_bias_init`` (SigLIP). All outputs are float32.
     """
 
     config: ClipConfig
@@ -286,6 +292,13 @@ class CLIP(nn.Module):
             (),
             jnp.float32,
         )
+        if cfg.logit_bias_init is not None:
+            self.logit_bias = self.param(
+                "logit_bias",
+                partitioned(nn.initializers.constant(cfg.logit_bias_init), ()),
+                (),
+                jnp.float32,
+            )
 
     def _projection(self) -> nn.Dense:
         return nn.Dense(
@@ -308,9 +321,16 @@ class CLIP(nn.Module):
         """
         return self.text_projection(self.text_model(tokens, eos_index)).astype(jnp.float32)
 
+    def scalars(self) -> dict[str, Array]:
+        """The loss's learnable scalars: ``logit_scale`` (+ ``logit_bias`` if configured)."""
+        out = {"logit_scale": jnp.asarray(self.logit_scale, jnp.float32)}
+        if self.config.logit_bias_init is not None:
+            out["logit_bias"] = jnp.asarray(self.logit_bias, jnp.float32)
+        return out
+
     def __call__(self, images: Array, tokens: Array) -> dict[str, Array]:
         return {
             "image_embeds": l2_normalize(self.encode_image(images)),
             "text_embeds": l2_normalize(self.encode_text(tokens)),
-            "logit_scale": jnp.asarray(self.logit_scale, jnp.float32),
+            **self.scalars(),
         }

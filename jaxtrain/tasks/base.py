@@ -94,3 +94,18 @@ class Task(abc.ABC):
         """Model FLOPs (forward + backward) of one global batch by the task's documented
         formula, for MFU; 0 = use XLA's count of the compiled step. Shapes only."""
         return 0.0
+
+    def grad_fn(self, mesh, full_params=None):
+        """A task's own (params, batch, rng, frozen) -> (loss, metrics, grads), or None for the
+        trainer's default `jax.value_and_grad(loss_fn)` (the contrastive task's gradient cache
+        overrides it). `full_params(params, frozen, rng)` maps the trained params to the model's
+        (the LoRA wrapper passes its merge); None = they are the model's."""
+        return None
+
+    def inference_inputs(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes of the inputs of :meth:`inference` for `batch_size` rows (for `jax.export`)."""
+        raise TypeError(f"The {self.name!r} task has no inference function to export.")
+
+    def inference(self, params: Any, frozen: Any, inputs: dict[str, jax.Array]) -> dict:
+        """Pure: the trained model's outputs for `inputs` (what an exported model computes)."""
+        raise TypeError(f"The {self.name!r} task has no inference function to export.")
