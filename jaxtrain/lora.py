@@ -214,8 +214,17 @@ class LoraTask:
     def loss_fn(self, params, batch, rng, frozen):
         return self.inner.loss_fn(self.full_params(params, frozen, rng), batch, rng, frozen)
 
+    def grad_fn(self, mesh, full_params=None):
+        return self.inner.grad_fn(mesh, full_params=self.full_params)
+
     def eval_step(self, params, batch, frozen):
         return self.inner.eval_step(self.full_params(params, frozen), batch, frozen)
+
+    def inference_inputs(self, batch_size):
+        return self.inner.inference_inputs(batch_size)
+
+    def inference(self, params, frozen, inputs):
+        return self.inner.inference(self.full_params(params, frozen), frozen, inputs)
 
     def train_iterator(self, **kw):
         return self.inner.train_iterator(**kw)

@@ -76,10 +76,12 @@ def make_train_step(
     *,
     accum_steps: int = 1,
     mesh: Mesh | None = None,
+    grad_fn: GradFn | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The pure step. A non-finite loss or gradient norm leaves params and optimizer state
-    unchanged (the step counter still advances) and reports `nonfinite=1` in the metrics."""
-    grad_fn = accumulate(loss_and_grad(loss_fn), accum_steps, mesh)
+    unchanged (the step counter still advances) and reports `nonfinite=1` in the metrics.
+    `grad_fn` replaces `jax.value_and_grad(loss_fn)` (a task's own, e.g. the gradient cache)."""
+    grad_fn = accumulate(grad_fn or loss_and_grad(loss_fn), accum_steps, mesh)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)

@@ -208,6 +208,7 @@ class Trainer:
         self._train_step_fn = make_train_step(
             self.task.loss_fn, self.tx, self.schedule,
             accum_steps=config.train.accum_steps, mesh=self.mesh,
+            grad_fn=self.task.grad_fn(self.mesh),
         )
         self._compiled: dict[tuple, _CompiledStep] = {}
         self._eval_step = jax.jit(self.task.eval_step)

@@ -108,3 +108,16 @@ class ClipTask(Task):
         metrics["loss"] = float(loss)
         metrics["chance_recall@1"] = 1.0 / len(img)
         return {k: float(np.asarray(v)) for k, v in metrics.items()}
+
+    def inference_inputs(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        m = self.model_config
+        return {
+            "image": jax.ShapeDtypeStruct((batch_size, m.image_size, m.image_size, m.channels),
+                                          jnp.float32),
+            "text": jax.ShapeDtypeStruct((batch_size, m.text_max_len), jnp.int32),
+        }
+
+    def inference(self, params, frozen, inputs):
+        """L2-normalised ``image_embeds`` and ``text_embeds`` of preprocessed images and token ids."""
+        out = self.model.apply({"params": params}, inputs["image"], inputs["text"])
+        return {"image_embeds": out["image_embeds"], "text_embeds": out["text_embeds"]}
