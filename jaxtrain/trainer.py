@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
@@ -191,7 +192,10 @@ class Trainer:
         *,
         task: type[Task] | None = None,
         devices: list[jax.Device] | None = None,
+        schedule: optax.Schedule | None = None,
     ):
+        """`schedule` (a function of the step) replaces the config's learning-rate schedule
+        (`optim.schedule`, `lr`, warmup); None = the config's. The lr finder passes its sweep."""
         task_cls = task or get_task(config.task)
         validate(config, task_cls.default_config(), task_cls.config_rules())
         self.config = config
@@ -203,7 +207,8 @@ class Trainer:
             from jaxtrain.lora import LoraTask
 
             self.task = LoraTask(self.task)
-        self.tx, self.schedule = build_optimizer(config.optim, config.train.steps)
+        self.tx, self.schedule = build_optimizer(config.optim, config.train.steps,
+                                                 schedule=schedule)
         self._build_state_shardings()
         self._train_step_fn = make_train_step(
             self.task.loss_fn, self.tx, self.schedule,
@@ -341,10 +346,14 @@ class Trainer:
             outputs.append(out)
         if jax.process_count() > 1:
             outputs = multihost_utils.process_allgather(outputs, tiled=True)
-        outputs = jax.device_get(outputs)
-        merged = jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
-        keep = merged.pop("valid").astype(bool)
-        merged = jax.tree.map(lambda x: x[keep], merged)
+        # Batches may differ in their keys (a task with several eval sets, e.g. retrieval pairs
+        # and a zero-shot set): each key is concatenated over the batches that have it.
+        merged: dict[str, list] = {}
+        for out in jax.device_get(outputs):
+            keep = np.asarray(out.pop("valid")).astype(bool)
+            for k, v in out.items():
+                merged.setdefault(k, []).append(jax.tree.map(lambda x, keep=keep: x[keep], v))
+        merged = {k: jax.tree.map(lambda *xs: np.concatenate(xs), *v) for k, v in merged.items()}
         return {f"eval/{k}": float(v) for k, v in self.task.eval_metrics(merged).items()}
 
     # ------------------------------------------------------------------ loop

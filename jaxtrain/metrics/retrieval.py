@@ -33,7 +33,10 @@ def _ranks(queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
 
 
 def retrieval_metrics(
-    image_embeds: np.ndarray, text_embeds: np.ndarray, ks: Sequence[int] = (1, 5)
+    image_embeds: np.ndarray,
+    text_embeds: np.ndarray,
+    ks: Sequence[int] = (1, 5),
+    names: tuple[str, str] = ("i2t", "t2i"),
 ) -> dict[str, float]:
     """Recall@k and mean rank for paired image/text embeddings (row i of each is a pair).
 
@@ -43,7 +46,8 @@ def retrieval_metrics(
 
     Returns keys ``i2t/recall@{k}``, ``t2i/recall@{k}`` for each k in ``ks`` (fractions in
     [0, 1]), ``i2t/mean_rank``, ``t2i/mean_rank`` and ``mean_recall@1`` (mean of the two
-    recall@1, always reported).
+    recall@1, always reported). ``names`` renames the two directions (the first embeds are
+    the queries: e.g. ``("q2p", "p2q")`` for query/positive text pairs).
     """
     img = np.asarray(image_embeds)
     txt = np.asarray(text_embeds)
@@ -58,11 +62,13 @@ def retrieval_metrics(
     if any(isinstance(k, bool) or int(k) != k or k < 1 for k in ks):
         raise ValueError(f"ks must be positive integers; got {ks}")
     img, txt = _normalize(img), _normalize(txt)
-    ranks = {"i2t": _ranks(img, txt), "t2i": _ranks(txt, img)}
+    forward, backward = names
+    ranks = {forward: _ranks(img, txt), backward: _ranks(txt, img)}
     out: dict[str, float] = {}
     for direction, r in ranks.items():
         for k in ks:
             out[f"{direction}/recall@{int(k)}"] = float(np.mean(r <= k))
         out[f"{direction}/mean_rank"] = float(np.mean(r))
-    out["mean_recall@1"] = float(0.5 * (np.mean(ranks["i2t"] <= 1) + np.mean(ranks["t2i"] <= 1)))
+    out["mean_recall@1"] = float(
+        0.5 * (np.mean(ranks[forward] <= 1) + np.mean(ranks[backward] <= 1)))
     return out
