@@ -1,24 +1,36 @@
-"""Teacher -> student distillation.
+"""Teacher -> student distillation, of a language model's logits or a dual encoder's embeddings.
 
     python -m jaxtrain.main --config=configs/lm.py                  # train a teacher first
     python -m jaxtrain.main --config=configs/distill.py:lm          # distil it into a smaller LM
     python -m jaxtrain.main --config=configs/distill.py:lm --config.distill.teacher=path/to/hf_model
+
+    python -m jaxtrain.main --config=configs/clip.py                # a CLIP teacher (runs/clip)
+    python -m jaxtrain.main --config=configs/distill.py:clip        # a smaller CLIP student
 
 `lm`: a causal LM student learns from a frozen teacher's logits,
     loss = alpha · T² · KL(softmax(teacher/T) ‖ softmax(student/T)) + (1 − alpha) · CE(student).
 The teacher is a jaxtrain workdir (default: runs/lm, what configs/lm.py writes) or a Hugging Face
 directory (config.json + safetensors); it must share the student's vocabulary.
 
-Variants: lm (the default), runlocal, steps=N, teacher=PATH.
+`clip`: a dual-encoder student matches the teacher's query–key similarity distribution,
+    loss = alpha · T² · KL(softmax(S_teacher/T) ‖ softmax(S_student/T)) + (1 − alpha) · InfoNCE,
+with S = exp(logit_scale) · cosine similarities over the global batch, rows and columns. The
+teacher is a jaxtrain CLIP workdir (default: runs/clip, what configs/clip.py writes) or a
+Hugging Face CLIP directory; it must read the same images and tokens as the student.
+
+Variants: lm (the default) | clip, runlocal, steps=N, teacher=PATH.
 """
 
 from jaxtrain.config import parse_variants
 from jaxtrain.tasks.lm import LMTask
 
+VARIANTS = ("lm", "clip", "runlocal", "steps=N", "teacher=PATH")
+
 
 def get_config(arg: str | None = None):
-    args = parse_variants(arg or "lm", ("lm", "runlocal", "steps=N", "teacher=PATH"),
-                          "configs/distill.py")
+    args = parse_variants(arg or "lm", VARIANTS, "configs/distill.py")
+    if "clip" in args:
+        return clip_config(args)
     c = LMTask.default_config()
     c.distill.teacher = args.get("teacher", "runs/lm")
     c.distill.alpha = 0.5
@@ -52,6 +64,29 @@ def get_config(arg: str | None = None):
         c.eval.batch_size = 16
         c.data.eval_rows = 32
         c.checkpoint.every = 10
+    if "steps" in args:
+        c.train.steps = int(args["steps"])
+    c.lock()
+    return c
+
+
+def clip_config(args: dict):
+    """configs/clip.py's data and schedule; the student has half the teacher's width."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip.py")
+    spec = importlib.util.spec_from_file_location("jaxtrain_configs_clip", path)
+    clip = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(clip)
+    c = clip.get_config("runlocal" if "runlocal" in args else None)
+    c.unlock()
+    c.distill.teacher = args.get("teacher", "runs/clip")
+    c.distill.alpha = 0.5
+    c.distill.temperature = 1.0
+    if "runlocal" not in args:
+        c.model.update(dict(vision_width=48, vision_layers=2, vision_heads=2, text_width=48,
+                            text_layers=2, text_heads=2, embed_dim=32))
     if "steps" in args:
         c.train.steps = int(args["steps"])
     c.lock()

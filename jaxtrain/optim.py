@@ -381,7 +381,7 @@ def _inner_optimizer(
 
 
 def build_optimizer(
-    cfg: Any, total_steps: int
+    cfg: Any, total_steps: int, *, schedule: optax.Schedule | None = None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Build ``(optimizer, schedule)`` from the ``optim`` config.
 
@@ -397,9 +397,14 @@ def build_optimizer(
     state (``multi_transform`` masks them out of every other group). ``schedule`` is the
     multiplier-1 learning rate (for logging). No params are needed: masks and labels are callables
     evaluated on the param/update trees.
+
+    ``schedule``, if given, replaces :func:`build_schedule` (``optim.schedule``, ``lr``, warmup and
+    ``min_lr_ratio`` are then unused; group multipliers still scale it), e.g. the learning-rate
+    finder's sweep (:mod:`jaxtrain.lr_find`).
     """
     name = _choice(cfg, "name", OPTIMIZERS)
-    schedule = build_schedule(cfg, total_steps)
+    if schedule is None:
+        schedule = build_schedule(cfg, total_steps)
     groups = _param_groups(cfg)
     decay_mask = _decay_fn(cfg)
 

@@ -349,3 +349,140 @@ def _validate_args(
             f"unique_combos=True allows at most {NUM_COMBOS} examples "
             f"(one per combo), got num_examples={num_examples}"
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Pairs for dual-encoder training in every retrieval mode
+
+
+ATTRIBUTES: tuple[str, ...] = Combo._fields  # ("shape", "color", "size", "position")
+ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = dict(
+    zip(ATTRIBUTES, (SHAPES, COLORS, SIZES, POSITIONS), strict=True)
+)
+# Combos that differ from a given one in exactly one attribute: 3 + 5 + 1 + 4.
+NUM_NEIGHBOURS: int = sum(len(v) - 1 for v in ATTRIBUTE_VALUES.values())
+# Retrieval modes: (query, positive) modalities.
+PAIR_MODES: dict[str, tuple[str, str]] = {
+    "i2t": ("image", "text"),
+    "t2i": ("text", "image"),
+    "t2t": ("text", "text"),
+    "i2i": ("image", "image"),
+}
+# Entropy tag of a pair's second view and negatives; the (seed, index) rng renders the first.
+_PAIR_TAG = (0x9A1F, 0x5EC0)
+
+
+def neighbour_combos(combo: Sequence[str]) -> tuple[Combo, ...]:
+    """The 13 combos that differ from ``combo`` in exactly one attribute (attribute by attribute,
+    values in their declared order): the hardest negatives for a retrieval model."""
+    c = Combo(*combo)
+    combo_id(*c)  # validates the attribute names
+    return tuple(
+        c._replace(**{attribute: value})
+        for attribute, values in ATTRIBUTE_VALUES.items()
+        for value in values
+        if value != getattr(c, attribute)
+    )
+
+
+def differing_attributes(a: Sequence[str], b: Sequence[str]) -> tuple[str, ...]:
+    """Names of the attributes in which combos ``a`` and ``b`` differ."""
+    return tuple(f for f, x, y in zip(ATTRIBUTES, Combo(*a), Combo(*b), strict=True) if x != y)
+
+
+class ShapesPairs:
+    """Random-access (query, positive, hard negatives) shapes examples for every retrieval mode.
+
+    ``source[i]`` is ``{"query", "positive", "negatives", "label"}``: an image is a float32
+    ``(image_size, image_size, 3)`` array in [0, 1], a text the caption string (tokenise it with
+    :class:`CaptionTokenizer` or any other tokenizer), ``negatives`` a list of
+    ``num_negatives`` items of the positive's modality, ``label`` the int32 combo id. All are a
+    pure function of ``(seed, i)``. Example ``i`` has the combo, template and first rendering of
+    ``ShapesSource(num_examples, seed=seed, unique_combos=...)[i]``:
+
+    - ``"i2t"``: that image and that caption (exactly ``ShapesSource``'s example); ``"t2i"``:
+      the same, swapped;
+    - ``"t2t"``: that caption, and a paraphrase: the same combo in another template;
+    - ``"i2i"``: that image, and a second rendering of the combo (new size/position jitter,
+      brightness and noise);
+    - negatives: combos that differ from the positive's in exactly one attribute (see
+      :func:`neighbour_combos`), distinct while ``num_negatives <= 13`` (beyond that the 13
+      repeat), each captioned with a random template or freshly rendered.
+    """
+
+    def __init__(
+        self,
+        num_examples: int,
+        *,
+        mode: str = "i2t",
+        num_negatives: int = 0,
+        image_size: int = 32,
+        seed: int = 0,
+        unique_combos: bool = False,
+    ) -> None:
+        if mode not in PAIR_MODES:
+            raise ValueError(
+                f"Unknown retrieval mode {mode!r}; expected one of {tuple(PAIR_MODES)}."
+            )
+        if num_negatives < 0:
+            raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
+        self._base = ShapesSource(
+            num_examples, image_size=image_size, max_text_len=CaptionTokenizer().min_max_len,
+            seed=seed, unique_combos=unique_combos,
+        )
+        self.num_examples, self.image_size, self.seed = num_examples, image_size, seed
+        self.mode, self.num_negatives, self.unique_combos = mode, num_negatives, unique_combos
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __repr__(self) -> str:
+        return (
+            f"ShapesPairs(num_examples={self.num_examples}, mode={self.mode!r}, "
+            f"num_negatives={self.num_negatives}, image_size={self.image_size}, "
+            f"seed={self.seed}, unique_combos={self.unique_combos})"
+        )
+
+    def _negative_combos(self, combo: Combo, rng: np.random.Generator) -> list[Combo]:
+        neighbours = neighbour_combos(combo)
+        order: list[int] = []
+        while len(order) < self.num_negatives:
+            order.extend(rng.permutation(len(neighbours)).tolist())
+        return [neighbours[k] for k in order[: self.num_negatives]]
+
+    def _rngs(self, index: int) -> tuple[np.random.Generator, np.random.Generator]:
+        """(second-view rng, negatives rng) of example ``index``, independent streams."""
+        i = self._base._normalize_index(index)
+        return (np.random.default_rng([self.seed, i, *_PAIR_TAG, 0]),
+                np.random.default_rng([self.seed, i, *_PAIR_TAG, 1]))
+
+    def combos(self, index: int) -> dict[str, Combo | list[Combo]]:
+        """The combos of example ``index``: ``{"query", "positive", "negatives"}``."""
+        combo = combo_from_id(self._base._spec(index)[0])
+        return {"query": combo, "positive": combo,
+                "negatives": self._negative_combos(combo, self._rngs(index)[1])}
+
+    def __getitem__(self, index: int) -> dict:
+        label, template, rng = self._base._spec(index)
+        combo = combo_from_id(label)
+        view_rng, negatives_rng = self._rngs(index)
+        query_kind, positive_kind = PAIR_MODES[self.mode]
+        first = (render(combo, rng, self.image_size) if "image" in (query_kind, positive_kind)
+                 else make_caption(combo, template))
+        if self.mode == "i2t":
+            query, positive = first, make_caption(combo, template)
+        elif self.mode == "t2i":
+            query, positive = make_caption(combo, template), first
+        elif self.mode == "t2t":
+            other = (template + 1 + int(view_rng.integers(len(TEMPLATES) - 1))) % len(TEMPLATES)
+            query, positive = first, make_caption(combo, other)
+        else:  # i2i
+            query, positive = first, render(combo, view_rng, self.image_size)
+        negatives: list = []
+        for c in self._negative_combos(combo, negatives_rng):
+            if positive_kind == "text":
+                negatives.append(make_caption(c, int(negatives_rng.integers(len(TEMPLATES)))))
+            else:
+                negatives.append(render(c, negatives_rng, self.image_size))
+        return {"query": query, "positive": positive, "negatives": negatives,
+                "label": np.asarray(label, dtype=np.int32)}

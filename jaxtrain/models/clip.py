@@ -13,8 +13,17 @@ becomes ``kernel`` / ``scale`` / ``embedding``). Parameter tree::
     text_model/final_layer_norm
     visual_projection, text_projection, logit_scale
 
-Text is padded with id 0; the sequence is pooled at its EOS token, taken to be the last non-pad
-token: ``index = sum(tokens != 0) - 1``.
+Text is padded with id 0. The text tower pools one token per sequence, chosen by
+``ClipConfig.text_pooling`` (see :func:`pooling_positions`):
+
+* ``'last'`` (default): the last non-pad token, ``index = sum(tokens != 0) - 1``;
+* ``'eos'``: the first occurrence of ``eos_token_id`` (Hugging Face CLIP with a real EOS id);
+* ``'argmax'``: the highest token id (Hugging Face CLIP with the legacy ``eos_token_id == 2``,
+  e.g. ``openai/clip-vit-base-patch32``, whose ``<|endoftext|>`` is the highest id).
+
+The text tower ignores padding in attention: it is causal, so the pooled position never attends
+to the padding after it, and (right-)padded rows give exactly the pooled output of Hugging
+Face's model run with the padding ``attention_mask``.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ Array = jax.Array
 
 DTYPES: dict[str, Dtype] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PAD_ID = 0
+TEXT_POOLINGS = ("last", "eos", "argmax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +79,9 @@ class ClipConfig:
     dtype: str = "float32"  # compute dtype: 'float32' | 'bfloat16'
     remat: bool = False
     attention_impl: str | None = None  # jax.nn.dot_product_attention: 'xla', 'cudnn', None
+    layer_norm_eps: float = 1e-5  # epsilon of every LayerNorm (Hugging Face's layer_norm_eps)
+    text_pooling: str = "last"  # pooled text token: 'last' | 'eos' | 'argmax' (pooling_positions)
+    eos_token_id: int | None = None  # the EOS id that text_pooling='eos' pools at
 
     def __post_init__(self) -> None:
         positive = (
@@ -80,7 +93,9 @@ class ClipConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ClipConfig.{name} must be a positive int; got {value!r}")
-        for name in ("vision_mlp_ratio", "text_mlp_ratio", "init_temperature", "max_logit_scale"):
+        numbers = ("vision_mlp_ratio", "text_mlp_ratio", "init_temperature", "max_logit_scale",
+                   "layer_norm_eps")
+        for name in numbers:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not value > 0:
                 raise ValueError(f"ClipConfig.{name} must be a positive number; got {value!r}")
@@ -105,6 +120,18 @@ class ClipConfig:
                 f"ClipConfig.dtype must be one of {sorted(DTYPES)}; got {self.dtype!r}"
             )
         get_activation(self.activation)
+        if self.text_pooling not in TEXT_POOLINGS:
+            raise ValueError(
+                f"ClipConfig.text_pooling must be one of {list(TEXT_POOLINGS)}; "
+                f"got {self.text_pooling!r}"
+            )
+        eos = self.eos_token_id
+        if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int) or eos < 0):
+            raise ValueError(f"ClipConfig.eos_token_id must be an int >= 0 or None; got {eos!r}")
+        if self.text_pooling == "eos" and eos is None:
+            raise ValueError(
+                "ClipConfig.text_pooling='eos' needs eos_token_id (the tokenizer's EOS id)"
+            )
         if self.attention_impl not in (None, "xla", "cudnn"):
             raise ValueError(
                 f"ClipConfig.attention_impl must be None, 'xla' or 'cudnn'; "
@@ -143,6 +170,7 @@ def _encoder(cfg: ClipConfig, tower: str) -> Encoder:
         activation=cfg.activation,
         attention_impl=cfg.attention_impl,
         remat=cfg.remat,
+        layer_norm_eps=cfg.layer_norm_eps,
         name="encoder",
     )
 
@@ -202,10 +230,10 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"images must have shape [B, *{expected}] (NHWC); got {images.shape}")
         dtype = cfg.compute_dtype
         x = VisionEmbeddings(cfg, name="embeddings")(images)
-        x = layer_norm("pre_layrnorm", dtype)(x)
+        x = layer_norm("pre_layrnorm", dtype, epsilon=cfg.layer_norm_eps)(x)
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
         x = _encoder(cfg, "vision")(x)
-        return layer_norm("post_layernorm", dtype)(x[:, 0])
+        return layer_norm("post_layernorm", dtype, epsilon=cfg.layer_norm_eps)(x[:, 0])
 
 
 class TextEmbeddings(nn.Module):
@@ -241,8 +269,29 @@ def eos_positions(tokens: Array) -> Array:
     return jnp.maximum(jnp.sum(tokens != PAD_ID, axis=-1) - 1, 0).astype(jnp.int32)
 
 
+def pooling_positions(
+    tokens: Array, text_pooling: str = "last", eos_token_id: int | None = None
+) -> Array:
+    """Index ``[B]`` of the pooled token of each row of ``tokens`` ``[B, T]``.
+
+    ``'last'``: :func:`eos_positions` (last non-pad token). ``'eos'``: the first occurrence of
+    ``eos_token_id`` (0 if absent), as Hugging Face's ``CLIPTextModel``. ``'argmax'``: the first
+    position of the highest id, as Hugging Face's ``CLIPTextModel`` when ``eos_token_id == 2``.
+    """
+    if text_pooling == "last":
+        return eos_positions(tokens)
+    if text_pooling == "argmax":
+        return jnp.argmax(tokens, axis=-1).astype(jnp.int32)
+    if text_pooling == "eos":
+        if eos_token_id is None:
+            raise ValueError("text_pooling='eos' needs eos_token_id")
+        return jnp.argmax(tokens == eos_token_id, axis=-1).astype(jnp.int32)
+    raise ValueError(f"text_pooling must be one of {list(TEXT_POOLINGS)}; got {text_pooling!r}")
+
+
 class TextTransformer(nn.Module):
-    """CLIP text tower (causal); returns final-LayerNorm features at the EOS ``[B, width]``."""
+    """CLIP text tower (causal); returns final-LayerNorm features at the pooled token
+    ``[B, width]`` (``eos_index``, or else ``config.text_pooling``'s position)."""
 
     config: ClipConfig
 
@@ -257,9 +306,9 @@ class TextTransformer(nn.Module):
             )
         x = TextEmbeddings(cfg, name="embeddings")(tokens)
         x = _encoder(cfg, "text")(x, causal=True)
-        x = layer_norm("final_layer_norm", cfg.compute_dtype)(x)
+        x = layer_norm("final_layer_norm", cfg.compute_dtype, epsilon=cfg.layer_norm_eps)(x)
         if eos_index is None:
-            eos_index = eos_positions(tokens)
+            eos_index = pooling_positions(tokens, cfg.text_pooling, cfg.eos_token_id)
         return jnp.take_along_axis(x, eos_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
 
 
@@ -316,8 +365,8 @@ class CLIP(nn.Module):
     def encode_text(self, tokens: Array, eos_index: Array | None = None) -> Array:
         """Tokens ``[B, T]`` int (pad 0) -> unnormalised text embeddings ``[B, embed_dim]``.
 
-        ``eos_index`` ([B] int) overrides the pooling position, which otherwise is the last
-        non-pad token (``sum(tokens != 0) - 1``).
+        ``eos_index`` ([B] int) overrides the pooling position, which otherwise follows
+        ``config.text_pooling`` (default: the last non-pad token, ``sum(tokens != 0) - 1``).
         """
         return self.text_projection(self.text_model(tokens, eos_index)).astype(jnp.float32)
 

@@ -185,11 +185,13 @@ class EncoderBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
     activation: str = "gelu"
     attention_impl: str | None = None
+    layer_norm_eps: float = 1e-5
 
     @nn.compact
     def __call__(self, x: Array, mask: Array | None = None, causal: bool = False) -> Array:
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
-        h = layer_norm("layer_norm1", self.dtype, self.param_dtype)(x)
+        eps = self.layer_norm_eps
+        h = layer_norm("layer_norm1", self.dtype, self.param_dtype, epsilon=eps)(x)
         h = MultiHeadAttention(
             num_heads=self.num_heads,
             head_dim=self.head_dim,
@@ -199,7 +201,7 @@ class EncoderBlock(nn.Module):
             name="self_attn",
         )(h, mask=mask, causal=causal)
         x = x + h
-        h = layer_norm("layer_norm2", self.dtype, self.param_dtype)(x)
+        h = layer_norm("layer_norm2", self.dtype, self.param_dtype, epsilon=eps)(x)
         h = Mlp(
             hidden=self.mlp_hidden,
             dtype=self.dtype,
@@ -227,6 +229,7 @@ class Encoder(nn.Module):
     activation: str = "gelu"
     attention_impl: str | None = None
     remat: bool = False
+    layer_norm_eps: float = 1e-5
 
     @nn.compact
     def __call__(self, x: Array, mask: Array | None = None, causal: bool = False) -> Array:
@@ -241,6 +244,7 @@ class Encoder(nn.Module):
                 param_dtype=self.param_dtype,
                 activation=self.activation,
                 attention_impl=self.attention_impl,
+                layer_norm_eps=self.layer_norm_eps,
                 name=f"layers_{i}",
             )(x, mask, causal)
         return x

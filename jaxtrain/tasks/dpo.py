@@ -278,6 +278,20 @@ class DPOTask(Task):
                                      batch_size=batch_size,
                                      process_index=process_index, process_count=process_count)
 
+    # ------------------------------------------------------------------ inference
+
+    def inference_inputs(self, batch_size: int,
+                         seq_len: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+        """``tokens``: int32 [batch_size, seq_len] (default ``data.max_length``)."""
+        return {"tokens": jax.ShapeDtypeStruct(
+            (batch_size, seq_len or self.config.data.max_length), jnp.int32)}
+
+    def inference(self, params, frozen, inputs):
+        """The policy's ``logits`` float32 [B, T, V] of plain causal rows (positions 0..T-1);
+        the reference is not part of inference."""
+        logits, _ = self.model.apply({"params": params}, inputs["tokens"])
+        return {"logits": logits}
+
 
 def _split(a: jax.Array, b: jax.Array) -> tuple[jax.Array, ...]:
     """[2B] chosen-then-rejected values of two arrays -> (a_chosen, a_rejected, b_c, b_r)."""

@@ -303,6 +303,20 @@ class LMTask(Task):
         loss = float(np.sum(outputs["nll"])) / max(tokens, 1.0)
         return {"loss": loss, "perplexity": float(np.exp(loss)), "tokens": tokens}
 
+    # ------------------------------------------------------------------ inference
+
+    def inference_inputs(self, batch_size: int,
+                         seq_len: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+        """``tokens``: int32 [batch_size, seq_len] (default ``data.seq_len``)."""
+        return {"tokens": jax.ShapeDtypeStruct((batch_size, seq_len or self.config.data.seq_len),
+                                               jnp.int32)}
+
+    def inference(self, params, frozen, inputs):
+        """``logits`` float32 [B, T, V] of plain causal rows (positions 0..T-1, one document
+        per row; a teacher in ``frozen`` is not used)."""
+        logits, _ = self.model.apply({"params": params}, inputs["tokens"])
+        return {"logits": logits}
+
 
 def data_source(data: ml_collections.ConfigDict, split: str) -> tuple[str, str]:
     """(source, split to read) for `split`: a separate `data.eval_source` is read whole."""
