@@ -549,3 +549,14 @@ def test_errors(tmp_path, pictures):
         next(it)
     with pytest.raises(ValueError, match="larger than the data"):
         pairs.train_iterator(_cfg(train_examples=4), **{**kw, "batch_size": 8}, seed=0)
+
+
+def test_hf_text_tokenizer_leaves_the_shared_builtin_tokenizer_alone():
+    """encode() sets truncation/padding on its tokenizer: the shared built-in GPT-2 one (the LM
+    task's) must not inherit it."""
+    from jaxtrain.data.tokenizers import load_tokenizer
+
+    d = pairs.default_data_config()
+    d.tokenizer = "gpt2"
+    assert pairs.load_text_tokenizer(d).encode("hello world " * 50, 16).shape == (16,)
+    assert len(load_tokenizer("gpt2")("hello world " * 50)["input_ids"]) == 101

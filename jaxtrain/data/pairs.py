@@ -65,6 +65,7 @@ strings). Underscores in class names become spaces in prompts.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import threading
@@ -294,7 +295,10 @@ def _load_hf_tokenizer(name: str) -> Any:
     from jaxtrain.data.tokenizers import BUILTIN_TOKENIZER, load_tokenizer, looks_like_path
 
     if name == BUILTIN_TOKENIZER:
-        return load_tokenizer(name)
+        # The built-in tokenizer is one shared object, and encode() sets its truncation and
+        # padding (state of the Rust tokenizer): work on a copy, or every later user of it
+        # (the LM task) would truncate too.
+        return copy.deepcopy(load_tokenizer(name))
     path = os.path.expanduser(name)
     if os.path.isdir(path):
         try:
