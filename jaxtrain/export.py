@@ -412,7 +412,7 @@ def export_hf(path: str, task, params: Any, model_type: str = "llama", seed: int
     cfg = task.model_config
     try:
         if task.name == "clip":
-            module.save_hf(path, params, cfg)
+            module.save_hf(path, params, cfg, **_clip_hf_extras(task))
         else:
             module.save_hf(path, params, cfg, model_type)
     except ValueError as e:  # a model the Hugging Face format cannot express
@@ -433,6 +433,19 @@ def export_hf(path: str, task, params: Any, model_type: str = "llama", seed: int
                                            {name: theirs[name]}, {name: ref}, 1e-3,
                                            _hf_tol(ref)))
     return {"checked": "outputs (transformers, torch)", "max_abs_diff": worst}
+
+
+def _clip_hf_extras(task) -> dict:
+    """The run's image preprocessing (preprocessor_config.json) and its Hugging Face tokenizer,
+    if it has one, to save beside a CLIP model."""
+    d, size = task.data_config, task.model_config.image_size
+    extras = {"image_preprocessing": {
+        "image_resize": d.image_resize or size, "image_crop": d.image_crop or size,
+        "image_mean": list(d.image_mean), "image_std": list(d.image_std),
+        "image_interpolation": d.image_interpolation}}
+    if task.tokenizer.hf is not None:
+        extras["tokenizer"] = task.tokenizer.hf
+    return extras
 
 
 @contextlib.contextmanager

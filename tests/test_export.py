@@ -190,8 +190,11 @@ def test_clip_hf(clip_run, tmp_path):
     manifest = export_bundle(clip_run, str(tmp_path / "clip"), "hf")
     check = manifest["checks"]["hf"]
     assert check["max_abs_diff"] < 1e-4, check
-    from jaxtrain.hf.clip import load_hf
+    from jaxtrain.hf.clip import image_preprocessing_from_hf, load_hf
 
+    prep = image_preprocessing_from_hf(str(tmp_path / "clip" / "hf"))  # the run's, written along
+    assert prep["image_crop"] == read_params(clip_run)[0]["model"]["image_size"]
+    np.testing.assert_allclose(prep["image_mean"], [0.48145466, 0.4578275, 0.40821073])
     _, params = load_hf(str(tmp_path / "clip" / "hf"))
     want = flatten_params(read_params(clip_run)[1])
     for k, v in flatten_params(params).items():

@@ -267,6 +267,11 @@ class TextTokenizer:
 
         self._lock = threading.Lock()
 
+    @property
+    def hf(self) -> Any:
+        """The Hugging Face tokenizer (None for the built-in caption vocabulary)."""
+        return self._hf
+
     def encode(self, text: str, max_len: int) -> np.ndarray:
         """int32 ``[max_len]`` ids of ``text``. Thread-safe."""
         if self._caption is not None:
