@@ -170,8 +170,10 @@ class Checkpointer:
 def read_state(path: str) -> tuple[dict, dict]:
     """(config dict, saved state as host numpy arrays) of a jaxtrain run's newest checkpoint.
 
-    `path` is a workdir, its `checkpoints/` directory, or one step directory.
+    `path` is a workdir, its `checkpoints/` directory, or one step directory (relative paths
+    are made absolute: Orbax's metadata reader misses files under a relative path).
     """
+    path = os.path.abspath(path)
     step_dir = path
     if not os.path.isdir(os.path.join(step_dir, "state")):
         root = os.path.join(path, "checkpoints") if os.path.isdir(

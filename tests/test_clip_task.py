@@ -2,6 +2,7 @@
 encoder, SigLIP, zero-shot eval, embedding distillation and Hugging Face CLIP weights."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -110,8 +111,10 @@ def teacher(tmp_path_factory):
     return workdir
 
 
-def test_distillation_from_a_clip_run(teacher, tmp_path):
-    c = load_config("distill", f"clip,runlocal,teacher={teacher}", train__steps=6,
+def test_distillation_from_a_clip_run(teacher, tmp_path, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(teacher))  # a relative teacher path, as runs/clip is
+    c = load_config("distill", f"clip,runlocal,teacher={os.path.basename(teacher)}",
+                    train__steps=6,
                     optim__warmup_steps=2, eval__every=6, checkpoint__every=6, train__batch_size=32)
     trainer = Trainer(c, str(tmp_path))
     assert trainer.task.teacher_config.vision_width == 32
