@@ -73,21 +73,29 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import ml_dtypes  # noqa: F401  (registers bfloat16 & co. with numpy for safetensors)
 import numpy as np
 
+from jaxtrain.hf.files import (
+    CONFIG,
+    DEFAULT_MAX_SHARD_BYTES,
+    f32,
+    flatten,
+    mismatch_error,
+    read_state,
+    same,
+    to_numpy,
+    transpose,
+    unsupported,
+    write_json,
+    write_state,
+)
 from jaxtrain.models.clip import ClipConfig
 
 Params = dict[str, Any]
 
 MODEL_TYPE = "clip"
-_CONFIG = "config.json"
 _PREPROCESSOR = "preprocessor_config.json"
-_SINGLE = "model.safetensors"
-_INDEX = "model.safetensors.index.json"
-_SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _IGNORED_KEY = re.compile(r"^(text|vision)_model\.embeddings\.position_ids$")
-DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 LEGACY_EOS_TOKEN_ID = 2  # transformers pools at argmax(input_ids) for this eos_token_id
 
 # transformers' CLIPConfig defaults (used for keys a config.json leaves out).
@@ -120,10 +128,6 @@ _OTHER_MODEL_TYPES = {
 # config.json <-> ClipConfig
 # --------------------------------------------------------------------------------------------
 
-def _unsupported(key: str, value: Any, why: str) -> ValueError:
-    return ValueError(f"unsupported {_CONFIG} value {key}={value!r}: {why}")
-
-
 def _sub_config(hf: Mapping[str, Any], tower: str, defaults: dict[str, Any]) -> dict[str, Any]:
     """``{tower}_config`` with transformers' defaults filled in (and the legacy
     ``{tower}_config_dict`` applied on top, as transformers does)."""
@@ -133,7 +137,7 @@ def _sub_config(hf: Mapping[str, Any], tower: str, defaults: dict[str, Any]) -> 
         if sub is None:
             continue
         if not isinstance(sub, Mapping):
-            raise _unsupported(key, sub, "expected a dict")
+            raise unsupported(key, sub, "expected a dict")
         out.update({k: v for k, v in sub.items() if v is not None})
     return out
 
@@ -141,7 +145,7 @@ def _sub_config(hf: Mapping[str, Any], tower: str, defaults: dict[str, Any]) -> 
 def _square(key: str, value: Any) -> int:
     if isinstance(value, list | tuple):
         if len(value) != 2 or value[0] != value[1]:
-            raise _unsupported(key, value, "only square images / patches are supported")
+            raise unsupported(key, value, "only square images / patches are supported")
         value = value[0]
     return int(value)
 
@@ -149,7 +153,7 @@ def _square(key: str, value: Any) -> int:
 def _mlp_ratio(key: str, intermediate: int, width: int) -> float:
     ratio = intermediate / width
     if int(round(width * ratio)) != intermediate:  # never for realistic sizes; checked anyway
-        raise _unsupported(key, intermediate, f"not representable as {width} * ratio")
+        raise unsupported(key, intermediate, f"not representable as {width} * ratio")
     return ratio
 
 
@@ -163,7 +167,7 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ClipConfig:
     model_type = hf.get("model_type")
     if model_type != MODEL_TYPE:
         what = _OTHER_MODEL_TYPES.get(str(model_type), "")
-        raise _unsupported(
+        raise unsupported(
             "model_type", model_type,
             (f"{what} is not supported; " if what else "")
             + "jaxtrain converts transformers CLIPModel checkpoints only (model_type 'clip')")
@@ -173,14 +177,14 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ClipConfig:
 
     for tower, sub in (("text", text), ("vision", vision)):
         if sub["hidden_act"] not in _ACTIVATIONS:
-            raise _unsupported(f"{tower}_config.hidden_act", sub["hidden_act"],
+            raise unsupported(f"{tower}_config.hidden_act", sub["hidden_act"],
                                f"supported activations are {list(_ACTIVATIONS)}")
     if text["hidden_act"] != vision["hidden_act"]:
-        raise _unsupported("text_config.hidden_act", text["hidden_act"],
+        raise unsupported("text_config.hidden_act", text["hidden_act"],
                            f"differs from vision_config.hidden_act={vision['hidden_act']!r}; "
                            "jaxtrain's CLIP uses one activation for both towers")
     if float(text["layer_norm_eps"]) != float(vision["layer_norm_eps"]):
-        raise _unsupported("text_config.layer_norm_eps", text["layer_norm_eps"],
+        raise unsupported("text_config.layer_norm_eps", text["layer_norm_eps"],
                            f"differs from vision_config.layer_norm_eps="
                            f"{vision['layer_norm_eps']!r}; jaxtrain's CLIP uses one epsilon")
 
@@ -190,7 +194,7 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ClipConfig:
                 and hf[key]["eos_token_id"] is None:
             eos = None
     if isinstance(eos, bool) or not isinstance(eos, int):
-        raise _unsupported("text_config.eos_token_id", eos,
+        raise unsupported("text_config.eos_token_id", eos,
                            "expected one int (the id the text tower pools at)")
     if eos == LEGACY_EOS_TOKEN_ID:
         pooling: dict[str, Any] = {"text_pooling": "argmax", "eos_token_id": None}
@@ -309,21 +313,13 @@ class _Entry:
     to_hf: Callable[[np.ndarray], np.ndarray]
 
 
-def _same(x: np.ndarray) -> np.ndarray:
-    return x
-
-
-def _transpose(x: np.ndarray) -> np.ndarray:
-    return x.T
-
-
 def _copy(hf: str, path: tuple[str, ...], shape: tuple[int, ...]) -> _Entry:
-    return _Entry(hf, path, shape, shape, _same, _same)
+    return _Entry(hf, path, shape, shape, same, same)
 
 
 def _linear(hf: str, path: tuple[str, ...], d_in: int, d_out: int) -> _Entry:
     return _Entry(f"{hf}.weight", (*path, "kernel"), (d_out, d_in), (d_in, d_out),
-                  _transpose, _transpose)
+                  transpose, transpose)
 
 
 def _layer_norm(hf: str, path: tuple[str, ...], d: int) -> list[_Entry]:
@@ -384,27 +380,6 @@ def _entries(cfg: ClipConfig) -> list[_Entry]:
     ]
 
 
-def _f32(x: Any) -> np.ndarray:
-    # Not np.ascontiguousarray: it turns 0-d arrays (logit_scale) into shape [1].
-    return np.asarray(x, dtype=np.float32, order="C")
-
-
-def _mismatch_error(what: str, missing: list[str], unexpected: list[str],
-                    shapes: list[str]) -> ValueError:
-    def first(names: list[str]) -> str:
-        more = f" ... (+{len(names) - 8} more)" if len(names) > 8 else ""
-        return ", ".join(names[:8]) + more
-
-    lines = [f"{what} does not match the CLIP config:"]
-    if missing:
-        lines.append(f"  missing keys ({len(missing)}): {first(missing)}")
-    if unexpected:
-        lines.append(f"  unexpected keys ({len(unexpected)}): {first(unexpected)}")
-    if shapes:
-        lines.append(f"  shape mismatches ({len(shapes)}): {first(shapes)}")
-    return ValueError("\n".join(lines))
-
-
 def params_from_hf(state: Mapping[str, Any], cfg: ClipConfig) -> Params:
     """The unboxed Flax parameter tree of :class:`CLIP` (float32 numpy arrays) from a
     transformers ``CLIPModel`` state dict (``logit_bias`` is never created). Arrays may be
@@ -421,7 +396,8 @@ def params_from_hf(state: Mapping[str, Any], cfg: ClipConfig) -> Params:
     shapes = [f"{n}: got {list(np.shape(state[n]))}, expected {list(e.hf_shape)}"
               for n, e in entries.items() if n in state and tuple(np.shape(state[n])) != e.hf_shape]
     if missing or unexpected or shapes:
-        raise _mismatch_error("Hugging Face state dict", missing, unexpected, shapes)
+        raise mismatch_error("Hugging Face state dict", "the CLIP config", missing, unexpected,
+                             shapes)
 
     params: Params = {}
     for name, e in entries.items():
@@ -430,25 +406,6 @@ def params_from_hf(state: Mapping[str, Any], cfg: ClipConfig) -> Params:
             tree = tree.setdefault(key, {})
         tree[e.path[-1]] = e.to_jax(np.asarray(state[name], dtype=np.float32))
     return params
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    import jax
-
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return _f32(jax.device_get(x))
-
-
-def _flatten(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    if isinstance(tree, Mapping):
-        out: dict[tuple[str, ...], Any] = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, (*prefix, str(k))))
-        return out
-    return {prefix: tree}
 
 
 def params_to_hf(params: Any, cfg: ClipConfig, drop_logit_bias: bool = False
@@ -463,7 +420,7 @@ def params_to_hf(params: Any, cfg: ClipConfig, drop_logit_bias: bool = False
     """
     import flax.linen as nn
 
-    flat = _flatten(nn.unbox(params))
+    flat = flatten(nn.unbox(params))
     if ("logit_bias",) in flat:
         if not drop_logit_bias:
             raise ValueError(
@@ -477,8 +434,9 @@ def params_to_hf(params: Any, cfg: ClipConfig, drop_logit_bias: bool = False
     shapes = [f"{'/'.join(p)}: got {list(np.shape(flat[p]))}, expected {list(e.shape)}"
               for p, e in entries.items() if p in flat and tuple(np.shape(flat[p])) != e.shape]
     if missing or unexpected or shapes:
-        raise _mismatch_error("jaxtrain parameter tree", missing, unexpected, shapes)
-    return {e.hf: _f32(e.to_hf(_to_numpy(flat[p]))) for p, e in entries.items()}
+        raise mismatch_error("jaxtrain parameter tree", "the CLIP config", missing, unexpected,
+                             shapes)
+    return {e.hf: f32(e.to_hf(to_numpy(flat[p]))) for p, e in entries.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -593,47 +551,6 @@ def image_preprocessing_to_hf(prep: Mapping[str, Any]) -> dict[str, Any]:
 # directories
 # --------------------------------------------------------------------------------------------
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of one file as float32 numpy (bf16 / f16 / f64 are cast)."""
-    from safetensors import safe_open
-
-    with safe_open(path, framework="numpy") as f:
-        return {name: _f32(f.get_tensor(name)) for name in f.keys()}
-
-
-def _read_state(path: str) -> dict[str, np.ndarray]:
-    single, index = os.path.join(path, _SINGLE), os.path.join(path, _INDEX)
-    if os.path.isfile(single):
-        return _read_safetensors(single)
-    if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
-        if not isinstance(weight_map, Mapping) or not weight_map:
-            raise ValueError(f"{index}: no 'weight_map' (expected the transformers sharded "
-                             "index format)")
-        state: dict[str, np.ndarray] = {}
-        for shard in sorted(set(weight_map.values())):
-            shard_path = os.path.join(path, shard)
-            if not os.path.isfile(shard_path):
-                raise FileNotFoundError(f"{index} lists shard {shard!r}, but {shard_path} does "
-                                        "not exist (incomplete download?)")
-            state.update(_read_safetensors(shard_path))
-        absent = sorted(set(weight_map) - set(state))
-        if absent:
-            raise ValueError(f"{index} maps {absent[:5]} to shards that do not contain them")
-        return state
-    bins = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")
-            if os.path.isfile(os.path.join(path, n))]
-    if bins:
-        raise ValueError(
-            f"{path} holds only pickled PyTorch weights ({bins[0]}); jaxtrain never unpickles "
-            "checkpoints. Convert them once to safetensors with transformers: CLIPModel."
-            f"from_pretrained({path!r}).save_pretrained(OUT_DIR, safe_serialization=True)")
-    raise FileNotFoundError(
-        f"no {_SINGLE} or {_INDEX} in {path} (found: {sorted(os.listdir(path))[:10]}); "
-        "save the model with save_pretrained(..., safe_serialization=True)")
-
-
 def _checkpoint_dir(path: str | os.PathLike[str]) -> str:
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -647,7 +564,7 @@ def load_hf(path: str | os.PathLike[str], **overrides: Any) -> tuple[ClipConfig,
     + ``model.safetensors`` or a sharded ``model.safetensors.index.json``). Weights are float32
     numpy arrays; ``overrides`` are :class:`ClipConfig` fields (``dtype='bfloat16'``, ...)."""
     path = _checkpoint_dir(path)
-    config_path = os.path.join(path, _CONFIG)
+    config_path = os.path.join(path, CONFIG)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} does not exist: {path} is not a transformers "
                                 "checkpoint directory")
@@ -657,7 +574,7 @@ def load_hf(path: str | os.PathLike[str], **overrides: Any) -> tuple[ClipConfig,
         cfg = config_from_hf(hf, **overrides)
     except ValueError as e:
         raise ValueError(f"{config_path}: {e}") from e
-    state = _read_state(path)
+    state = read_state(path, "CLIPModel")
     try:
         params = params_from_hf(state, cfg)
     except ValueError as e:
@@ -680,18 +597,6 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
     import transformers
 
     return transformers.AutoTokenizer.from_pretrained(path)
-
-
-def _shards(state: dict[str, np.ndarray], max_bytes: int) -> list[list[str]]:
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, value in state.items():
-        if shards[-1] and size + value.nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += value.nbytes
-    return shards
 
 
 def _check_tokenizer(tokenizer: Any, cfg: ClipConfig) -> None:
@@ -725,8 +630,6 @@ def save_hf(
     boxed or unboxed, jax or numpy; ``drop_logit_bias`` as in :func:`params_to_hf`. Everything
     is validated before anything is written; stale weight files in ``path`` are removed. In a
     multi-process job call it from one process (after gathering is done)."""
-    from safetensors.numpy import save_file
-
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be > 0; got {max_shard_bytes}")
     hf = config_to_hf(cfg)
@@ -742,31 +645,11 @@ def save_hf(
         _check_tokenizer(tokenizer, cfg)
 
     path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
-    for name in os.listdir(path):
-        if name in (_SINGLE, _INDEX) or _SHARD.match(name):
-            os.remove(os.path.join(path, name))
-    _write_json(os.path.join(path, _CONFIG), hf)
+    write_state(path, state, max_shard_bytes)
+    write_json(os.path.join(path, CONFIG), hf)
     if preprocessor is not None:
-        _write_json(os.path.join(path, _PREPROCESSOR), preprocessor)
+        write_json(os.path.join(path, _PREPROCESSOR), preprocessor)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
-    metadata = {"format": "pt"}  # transformers refuses safetensors files without it
-    shards = _shards(state, max_shard_bytes)
-    if len(shards) == 1:
-        save_file(state, os.path.join(path, _SINGLE), metadata=metadata)
-        return
-    weight_map = {}
-    for i, names in enumerate(shards):
-        shard = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: state[n] for n in names}, os.path.join(path, shard), metadata=metadata)
-        weight_map.update(dict.fromkeys(names, shard))
-    _write_json(os.path.join(path, _INDEX),
-                {"metadata": {"total_size": sum(v.nbytes for v in state.values())},
-                 "weight_map": weight_map})
 
 
-def _write_json(file: str, obj: Any) -> None:
-    with open(file, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")

@@ -53,9 +53,22 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import ml_dtypes  # noqa: F401  (registers bfloat16 & co. with numpy for safetensors)
 import numpy as np
 
+from jaxtrain.hf.files import (
+    CONFIG,
+    DEFAULT_MAX_SHARD_BYTES,
+    f32,
+    flatten,
+    mismatch_error,
+    read_state,
+    same,
+    to_numpy,
+    transpose,
+    unsupported,
+    write_json,
+    write_state,
+)
 from jaxtrain.models.llama import LlamaConfig
 
 Params = dict[str, Any]
@@ -67,11 +80,6 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
 }
 _ACTIVATIONS = ("silu", "swish")  # the same function in transformers' ACT2FN
 _IGNORED_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
-_CONFIG = "config.json"
-_SINGLE = "model.safetensors"
-_INDEX = "model.safetensors.index.json"
-_SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
-DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 # config.json's max_position_embeddings on export (jaxtrain's RoPE has no length limit; only
 # transformers' generation utilities read it).
 _EXPORT_MAX_POSITIONS = 4096
@@ -80,10 +88,6 @@ _EXPORT_MAX_POSITIONS = 4096
 # --------------------------------------------------------------------------------------------
 # config.json <-> LlamaConfig
 # --------------------------------------------------------------------------------------------
-
-def _unsupported(key: str, value: Any, why: str) -> ValueError:
-    return ValueError(f"unsupported {_CONFIG} value {key}={value!r}: {why}")
-
 
 def _rope_theta(hf: Mapping[str, Any]) -> float:
     if hf.get("rope_theta") is not None:
@@ -100,24 +104,24 @@ def _check_rope_scaling(hf: Mapping[str, Any]) -> None:
         if params is None:
             continue
         if not isinstance(params, Mapping):
-            raise _unsupported(key, params, "expected a dict or null")
+            raise unsupported(key, params, "expected a dict or null")
         if params and all(isinstance(v, Mapping) for v in params.values()):
-            raise _unsupported(key, dict(params), "per-layer-type RoPE parameters are not "
+            raise unsupported(key, dict(params), "per-layer-type RoPE parameters are not "
                                "supported")
         kind = params.get("rope_type", params.get("type"))
         if kind not in (None, "default"):
-            raise _unsupported(
+            raise unsupported(
                 f"{key}.rope_type", kind,
                 "RoPE scaling is not supported by jaxtrain's Llama (only the default "
                 "rotary embedding, rope_type 'default' or no scaling)")
     factor = hf.get("partial_rotary_factor")
     if factor not in (None, 1, 1.0):
-        raise _unsupported("partial_rotary_factor", factor, "only full rotary embedding (1.0)")
+        raise unsupported("partial_rotary_factor", factor, "only full rotary embedding (1.0)")
 
 
 def _required(hf: Mapping[str, Any], key: str) -> Any:
     if hf.get(key) is None:
-        raise ValueError(f"{_CONFIG} is missing the required key {key!r}")
+        raise ValueError(f"{CONFIG} is missing the required key {key!r}")
     return hf[key]
 
 
@@ -134,7 +138,7 @@ def _qwen2_sliding_window(hf: Mapping[str, Any], num_layers: int) -> int:
         return 0
     if all(t == "sliding_attention" for t in types):
         return window
-    raise _unsupported("layer_types", list(types),
+    raise unsupported("layer_types", list(types),
                        "jaxtrain applies one sliding window to all layers or none; this "
                        "checkpoint mixes full and sliding-window layers (max_window_layers="
                        f"{hf.get('max_window_layers')!r})")
@@ -150,13 +154,13 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
     """
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise _unsupported("model_type", model_type,
+        raise unsupported("model_type", model_type,
                            f"supported model types are {sorted(SUPPORTED_MODEL_TYPES)}")
     act = hf.get("hidden_act", "silu")
     if act not in _ACTIVATIONS:
-        raise _unsupported("hidden_act", act, "jaxtrain's Llama MLP is SwiGLU (hidden_act 'silu')")
+        raise unsupported("hidden_act", act, "jaxtrain's Llama MLP is SwiGLU (hidden_act 'silu')")
     if hf.get("mlp_bias"):
-        raise _unsupported("mlp_bias", hf["mlp_bias"], "jaxtrain's Llama MLP has no biases")
+        raise unsupported("mlp_bias", hf["mlp_bias"], "jaxtrain's Llama MLP has no biases")
     _check_rope_scaling(hf)
 
     hidden = int(_required(hf, "hidden_size"))
@@ -174,7 +178,7 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
         sliding_window = int(hf.get("sliding_window") or 0)
     else:
         if hf.get("attention_bias"):
-            raise _unsupported(
+            raise unsupported(
                 "attention_bias", hf["attention_bias"],
                 "Llama's attention_bias also biases o_proj, which jaxtrain's Llama lacks "
                 "(its attention_bias is Qwen2's q/k/v-only bias)")
@@ -268,14 +272,6 @@ class _Entry:
     to_hf: Callable[[np.ndarray], np.ndarray]
 
 
-def _same(x: np.ndarray) -> np.ndarray:
-    return x
-
-
-def _transpose(x: np.ndarray) -> np.ndarray:
-    return x.T
-
-
 def _entries(cfg: LlamaConfig) -> tuple[list[_Entry], list[_Entry]]:
     """(top-level entries, per-layer entries) for ``cfg``."""
     if cfg.num_experts:
@@ -284,12 +280,12 @@ def _entries(cfg: LlamaConfig) -> tuple[list[_Entry], list[_Entry]]:
     d, v, f, dh = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size, cfg.head_size
     top = [
         _Entry("model.embed_tokens.weight", ("embed_tokens", "embedding"), (v, d), (v, d),
-               _same, _same),
-        _Entry("model.norm.weight", ("norm", "scale"), (d,), (d,), _same, _same),
+               same, same),
+        _Entry("model.norm.weight", ("norm", "scale"), (d,), (d,), same, same),
     ]
     if not cfg.tie_embeddings:
         top.append(_Entry("lm_head.weight", ("lm_head", "kernel"), (v, d), (d, v),
-                          _transpose, _transpose))
+                          transpose, transpose))
 
     def in_proj(name: str, n: int) -> list[_Entry]:
         out = [_Entry(f"self_attn.{name}.weight", ("self_attn", name, "kernel"), (n * dh, d),
@@ -302,40 +298,20 @@ def _entries(cfg: LlamaConfig) -> tuple[list[_Entry], list[_Entry]]:
 
     h, k = cfg.num_heads, cfg.num_kv_heads
     layer = [
-        _Entry("input_layernorm.weight", ("input_layernorm", "scale"), (d,), (d,), _same, _same),
+        _Entry("input_layernorm.weight", ("input_layernorm", "scale"), (d,), (d,), same, same),
         *in_proj("q_proj", h), *in_proj("k_proj", k), *in_proj("v_proj", k),
         _Entry("self_attn.o_proj.weight", ("self_attn", "o_proj", "kernel"), (d, h * dh),
                (h, dh, d), lambda w: w.T.reshape(h, dh, d), lambda o: o.reshape(h * dh, d).T),
         _Entry("post_attention_layernorm.weight", ("post_attention_layernorm", "scale"), (d,),
-               (d,), _same, _same),
+               (d,), same, same),
         _Entry("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), (f, d), (d, f),
-               _transpose, _transpose),
+               transpose, transpose),
         _Entry("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), (f, d), (d, f),
-               _transpose, _transpose),
+               transpose, transpose),
         _Entry("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), (d, f), (f, d),
-               _transpose, _transpose),
+               transpose, transpose),
     ]
     return top, layer
-
-
-def _f32(x: Any) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(x), dtype=np.float32)
-
-
-def _mismatch_error(what: str, missing: list[str], unexpected: list[str],
-                    shapes: list[str], hint: str = "") -> ValueError:
-    def first(names: list[str]) -> str:
-        more = f" ... (+{len(names) - 8} more)" if len(names) > 8 else ""
-        return ", ".join(names[:8]) + more
-
-    lines = [f"{what} does not match the model config{hint}:"]
-    if missing:
-        lines.append(f"  missing keys ({len(missing)}): {first(missing)}")
-    if unexpected:
-        lines.append(f"  unexpected keys ({len(unexpected)}): {first(unexpected)}")
-    if shapes:
-        lines.append(f"  shape mismatches ({len(shapes)}): {first(shapes)}")
-    return ValueError("\n".join(lines))
 
 
 def params_from_hf(state: Mapping[str, Any], cfg: LlamaConfig) -> Params:
@@ -365,7 +341,8 @@ def params_from_hf(state: Mapping[str, Any], cfg: LlamaConfig) -> Params:
         if unexpected and any(n.endswith("o_proj.bias") or ".mlp." in n and n.endswith(".bias")
                               for n in unexpected):
             hint = " (o_proj / MLP biases are not supported)"
-        raise _mismatch_error("Hugging Face state dict", missing, unexpected, shapes, hint)
+        raise mismatch_error("Hugging Face state dict", "the model config" + hint, missing,
+                             unexpected, shapes)
 
     params: Params = {}
 
@@ -391,32 +368,13 @@ def params_from_hf(state: Mapping[str, Any], cfg: LlamaConfig) -> Params:
     return params
 
 
-def _to_numpy(x: Any) -> np.ndarray:
-    import jax
-
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return _f32(jax.device_get(x))
-
-
-def _flatten(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    if isinstance(tree, Mapping):
-        out: dict[tuple[str, ...], Any] = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, (*prefix, str(k))))
-        return out
-    return {prefix: tree}
-
-
 def params_to_hf(params: Any, cfg: LlamaConfig) -> dict[str, np.ndarray]:
     """The transformers state dict (float32, C-contiguous numpy) of a :class:`Llama` parameter
     tree: boxed or unboxed, jax or numpy arrays, ``layers_{i}`` or stacked ``layers`` layout
     (detected from the tree). Inverse of :func:`params_from_hf`."""
     import flax.linen as nn
 
-    flat = _flatten(nn.unbox(params))
+    flat = flatten(nn.unbox(params))
     top, layer = _entries(cfg)
     stacked = any(p[0] == "layers" for p in flat)
     expected: dict[tuple[str, ...], tuple[int, ...]] = {e.path: e.shape for e in top}
@@ -431,68 +389,25 @@ def params_to_hf(params: Any, cfg: LlamaConfig) -> dict[str, np.ndarray]:
     shapes = [f"{'/'.join(p)}: got {list(np.shape(flat[p]))}, expected {list(s)}"
               for p, s in expected.items() if p in flat and tuple(np.shape(flat[p])) != s]
     if missing or unexpected or shapes:
-        raise _mismatch_error("jaxtrain parameter tree", missing, unexpected, shapes)
+        raise mismatch_error("jaxtrain parameter tree", "the model config", missing, unexpected,
+                             shapes)
 
     state: dict[str, np.ndarray] = {}
     for e in top:
-        state[e.hf] = _f32(e.to_hf(_to_numpy(flat[e.path])))
-    layer_values = {e.path: (_to_numpy(flat[("layers", *e.path)]) if stacked else None)
+        state[e.hf] = f32(e.to_hf(to_numpy(flat[e.path])))
+    layer_values = {e.path: (to_numpy(flat[("layers", *e.path)]) if stacked else None)
                     for e in layer}
     for i in range(cfg.num_layers):
         for e in layer:
             value = (layer_values[e.path][i] if stacked
-                     else _to_numpy(flat[(f"layers_{i}", *e.path)]))
-            state[f"model.layers.{i}.{e.hf}"] = _f32(e.to_hf(value))
+                     else to_numpy(flat[(f"layers_{i}", *e.path)]))
+            state[f"model.layers.{i}.{e.hf}"] = f32(e.to_hf(value))
     return state
 
 
 # --------------------------------------------------------------------------------------------
 # directories
 # --------------------------------------------------------------------------------------------
-
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of one file as float32 numpy (bf16 / f16 / f64 are cast)."""
-    from safetensors import safe_open
-
-    out = {}
-    with safe_open(path, framework="numpy") as f:
-        for name in f.keys():
-            out[name] = _f32(f.get_tensor(name))
-    return out
-
-
-def _read_state(path: str) -> dict[str, np.ndarray]:
-    single, index = os.path.join(path, _SINGLE), os.path.join(path, _INDEX)
-    if os.path.isfile(single):
-        return _read_safetensors(single)
-    if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
-        if not isinstance(weight_map, Mapping) or not weight_map:
-            raise ValueError(f"{index}: no 'weight_map' (expected the transformers sharded "
-                             "index format)")
-        state: dict[str, np.ndarray] = {}
-        for shard in sorted(set(weight_map.values())):
-            shard_path = os.path.join(path, shard)
-            if not os.path.isfile(shard_path):
-                raise FileNotFoundError(f"{index} lists shard {shard!r}, but {shard_path} does "
-                                        "not exist (incomplete download?)")
-            state.update(_read_safetensors(shard_path))
-        absent = sorted(set(weight_map) - set(state))
-        if absent:
-            raise ValueError(f"{index} maps {absent[:5]} to shards that do not contain them")
-        return state
-    bins = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")
-            if os.path.isfile(os.path.join(path, n))]
-    if bins:
-        raise ValueError(
-            f"{path} holds only pickled PyTorch weights ({bins[0]}); jaxtrain never unpickles "
-            "checkpoints. Convert them once with transformers: AutoModelForCausalLM."
-            f"from_pretrained({path!r}).save_pretrained(OUT_DIR, safe_serialization=True)")
-    raise FileNotFoundError(
-        f"no {_SINGLE} or {_INDEX} in {path} (found: {sorted(os.listdir(path))[:10]}); "
-        "save the model with save_pretrained(..., safe_serialization=True)")
-
 
 def load_hf(path: str | os.PathLike[str], **overrides: Any) -> tuple[LlamaConfig, Params]:
     """``(config, params)`` from a local transformers checkpoint directory (``config.json`` +
@@ -503,7 +418,7 @@ def load_hf(path: str | os.PathLike[str], **overrides: Any) -> tuple[LlamaConfig
     if not os.path.isdir(path):
         raise FileNotFoundError(f"Hugging Face checkpoint directory {path} does not exist (pass "
                                 "a local directory; download with huggingface_hub first)")
-    config_path = os.path.join(path, _CONFIG)
+    config_path = os.path.join(path, CONFIG)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} does not exist: {path} is not a transformers "
                                 "checkpoint directory")
@@ -513,24 +428,12 @@ def load_hf(path: str | os.PathLike[str], **overrides: Any) -> tuple[LlamaConfig
         cfg = config_from_hf(hf, **overrides)
     except ValueError as e:
         raise ValueError(f"{config_path}: {e}") from e
-    state = _read_state(path)
+    state = read_state(path, "AutoModelForCausalLM")
     try:
         params = params_from_hf(state, cfg)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
     return cfg, params
-
-
-def _shards(state: dict[str, np.ndarray], max_bytes: int) -> list[list[str]]:
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, value in state.items():
-        if shards[-1] and size + value.nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += value.nbytes
-    return shards
 
 
 def save_hf(
@@ -540,37 +443,16 @@ def save_hf(
     model_type: str = "llama",
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> None:
-    """Writes ``config.json`` and float32 ``model.safetensors`` (or ``model-XXXXX-of-YYYYY``
-    shards + ``model.safetensors.index.json`` when larger than ``max_shard_bytes``) to ``path``,
+    """Writes ``config.json`` and float32 ``model.safetensors`` (or numbered shards,
+    ``model-00001-of-00003.safetensors`` ..., + ``model.safetensors.index.json`` when larger than
+    ``max_shard_bytes``) to ``path``,
     loadable with ``transformers.AutoModelForCausalLM.from_pretrained(path)``. ``params`` may be
     boxed or unboxed, jax or numpy. Stale weight files from an earlier save in ``path`` are
     removed. In a multi-process job call it from one process (after gathering is done)."""
-    from safetensors.numpy import save_file
-
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be > 0; got {max_shard_bytes}")
     hf = config_to_hf(cfg, model_type)
     state = params_to_hf(params, cfg)
     path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
-    for name in os.listdir(path):
-        if name in (_SINGLE, _INDEX) or _SHARD.match(name):
-            os.remove(os.path.join(path, name))
-    with open(os.path.join(path, _CONFIG), "w") as f:
-        json.dump(hf, f, indent=2, sort_keys=True)
-        f.write("\n")
-    metadata = {"format": "pt"}  # transformers refuses safetensors files without it
-    shards = _shards(state, max_shard_bytes)
-    if len(shards) == 1:
-        save_file(state, os.path.join(path, _SINGLE), metadata=metadata)
-        return
-    weight_map = {}
-    for i, names in enumerate(shards):
-        shard = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: state[n] for n in names}, os.path.join(path, shard), metadata=metadata)
-        weight_map.update(dict.fromkeys(names, shard))
-    index = {"metadata": {"total_size": sum(v.nbytes for v in state.values())},
-             "weight_map": weight_map}
-    with open(os.path.join(path, _INDEX), "w") as f:
-        json.dump(index, f, indent=2, sort_keys=True)
-        f.write("\n")
+    write_state(path, state, max_shard_bytes)
+    write_json(os.path.join(path, CONFIG), hf)
