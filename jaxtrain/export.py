@@ -51,7 +51,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import app, flags, logging
 
-from jaxtrain.tree import path_str
+from jaxtrain.tree import nest, path_str
 
 FORMATS = ("safetensors", "stablehlo", "hf")
 HF_TASKS = ("lm", "dpo", "clip")  # tasks with a Hugging Face format
@@ -92,18 +92,6 @@ def flatten_params(params: Any) -> dict[str, np.ndarray]:
     return {path_str(p): np.asarray(jax.device_get(x), order="C") for p, x in leaves}
 
 
-def unflatten_params(flat: Mapping[str, Any]) -> dict:
-    """The nested dict of a :func:`flatten_params` dict."""
-    out: dict = {}
-    for key, value in flat.items():
-        node = out
-        *parents, leaf = key.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
-
-
 def save_safetensors(path: str, params: Any) -> dict[str, np.ndarray]:
     """`params` flattened by path into one safetensors file; returns the flat dict."""
     import ml_dtypes  # noqa: F401  (bfloat16 leaves)
@@ -118,7 +106,7 @@ def load_safetensors(path: str) -> dict:
     """The nested params of a file written by :func:`save_safetensors`."""
     from safetensors.numpy import load_file
 
-    return unflatten_params(load_file(path))
+    return nest(load_file(path))
 
 
 def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -297,7 +285,7 @@ def export_stablehlo(out_dir: str, task, params: Any, *, batch_size: int = 8,
     param_specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()}
 
     def fn(flat_params, inputs):
-        return task.inference(unflatten_params(flat_params), {}, inputs)
+        return task.inference(nest(flat_params), {}, inputs)
 
     exported = jax.export.export(jax.jit(fn), platforms=platforms)(param_specs, specs)
     with open(os.path.join(out_dir, "model.stablehlo"), "wb") as f:
@@ -305,7 +293,7 @@ def export_stablehlo(out_dir: str, task, params: Any, *, batch_size: int = 8,
     out_specs = jax.eval_shape(fn, param_specs, specs)
 
     inputs = example_inputs(task, specs, seed)
-    want = jax.device_get(jax.jit(task.inference)(unflatten_params(flat), {}, inputs))
+    want = jax.device_get(jax.jit(task.inference)(nest(flat), {}, inputs))
     np.savez(os.path.join(out_dir, "example_inputs.npz"), **inputs)
     samples = {}
     for name, value in want.items():

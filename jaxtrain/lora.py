@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 
 from jaxtrain.tasks.base import Task, params_key
-from jaxtrain.tree import path_str
+from jaxtrain.tree import nest, path_str
 
 BATCH_AXES = ("layers", "expert")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -49,17 +49,6 @@ def _leaves(tree) -> dict[str, Any]:
     flat = jax.tree_util.tree_flatten_with_path(
         tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
     return {path_str(p): x for p, x in flat}
-
-
-def _nest(flat: dict[str, Any]) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        node = out
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
 
 
 def _unbox(x):
@@ -180,12 +169,12 @@ class LoraTask:
 
     def init_params(self, rng):
         base = self._base()
-        out = {"lora": _nest(init_adapters(base, self.lora, rng))}
+        out = {"lora": nest(init_adapters(base, self.lora, rng))}
         if self.lora.trainable:
             pattern = re.compile(self.lora.trainable)
             extra = {p: x for p, x in _leaves(base).items() if pattern.fullmatch(p)}
             if extra:
-                out["train"] = _nest(extra)
+                out["train"] = nest(extra)
         return out
 
     def init_frozen(self, rng):
@@ -205,7 +194,7 @@ class LoraTask:
                 pattern = re.compile(self.lora.trainable)
                 extra = {p: x for p, x in _leaves(full).items() if pattern.fullmatch(p)}
                 if extra:
-                    out["params"] = {"train": _nest(extra)}
+                    out["params"] = {"train": nest(extra)}
         return out
 
     def full_params(self, params, frozen, rng=None):
@@ -265,4 +254,4 @@ def load_adapters(path: str) -> tuple[ml_collections.ConfigDict, dict]:
         raise FileNotFoundError(f"Not a LoRA adapter directory: missing {missing}.")
     with open(files[1]) as f:
         cfg = ml_collections.ConfigDict(json.load(f))
-    return cfg, _nest(load_file(files[0]))
+    return cfg, nest(load_file(files[0]))
