@@ -25,6 +25,7 @@ classification accuracy on a labelled image set (``data.zero_shot``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -368,9 +369,7 @@ class ClipTask(Task):
                   process_count=process_count)
         yield from pairs.eval_batches(self.data_config, seed=self.config.seed, **kw,
                                       **self._data_kwargs())
-        zero_shot = pairs.zero_shot_set(self.data_config, image_size=self.model_config.image_size,
-                                        text_max_len=self.model_config.text_max_len,
-                                        seed=self.config.seed)
+        zero_shot = self._zero_shot_set()
         if zero_shot is None:
             return
         for b in zero_shot.batches(**kw):
@@ -378,6 +377,12 @@ class ClipTask(Task):
         prompts = pipeline.ArrayRows({"zs_prompt": zero_shot.prompts,
                                       "zs_class": np.arange(len(zero_shot.prompts))})
         yield from pipeline.eval_batches(prompts, **kw)
+
+    @functools.cache  # noqa: B019 (one per task; the set is read and its prompts tokenised once)
+    def _zero_shot_set(self):
+        return pairs.zero_shot_set(self.data_config, image_size=self.model_config.image_size,
+                                   text_max_len=self.model_config.text_max_len,
+                                   seed=self.config.seed)
 
     def eval_step(self, params, batch, frozen):
         out = {}
