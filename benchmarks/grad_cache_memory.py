@@ -20,7 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxtrain.mesh import batch_sharding
-from jaxtrain.trainer import Trainer
+from jaxtrain import Trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
 _BATCHES = flags.DEFINE_list("batches", ["1024", "4096", "16384"], "Global batch sizes.")

@@ -22,7 +22,7 @@ from absl import app
 from ml_collections import config_flags
 
 from jaxtrain.mesh import shard_batch
-from jaxtrain.trainer import Trainer
+from jaxtrain import Trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 

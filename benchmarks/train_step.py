@@ -22,7 +22,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxtrain.mesh import batch_sharding, shard_batch
-from jaxtrain.trainer import Trainer
+from jaxtrain import Trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")

@@ -43,7 +43,7 @@ def get_config(arg: str | None = None):
     c.eval.batch_size = 120
     c.checkpoint.every = 200
     c.checkpoint.keep = 2
-    c.checkpoint.best_metric = "eval/mean_recall@1"
+    c.checkpoint.best_metric = "eval/retrieval/mean_recall@1"
 
     if "runlocal" in args:
         c.model.update(dict(image_size=16, patch_size=8, vision_width=32, vision_layers=1,

@@ -48,7 +48,7 @@ def get_config(arg: str | None = None):
     c.eval.batch_size = 40
     c.checkpoint.every = 100
     c.checkpoint.keep = 2
-    c.checkpoint.best_metric = "eval/rewards/accuracies"
+    c.checkpoint.best_metric = "eval/val/rewards/accuracies"
     c.checkpoint.best_mode = "max"
     if "lora" in args:
         c.lora.rank = 8

@@ -46,7 +46,7 @@ def get_config(arg: str | None = None):
     c.eval.batch_size = 32
     c.checkpoint.every = 100
     c.checkpoint.keep = 2
-    c.checkpoint.best_metric = "eval/loss"
+    c.checkpoint.best_metric = "eval/val/loss"
     c.checkpoint.best_mode = "min"
     if "runlocal" in args:
         c.model.update(dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,

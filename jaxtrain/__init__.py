@@ -1,13 +1,19 @@
 """jaxtrain: a JAX/Flax training library with sharded training."""
 
+from jaxtrain.api import Trainer, build_task, train
 from jaxtrain.config import ConfigError, base_config
+from jaxtrain.evaluator import Evaluator
+from jaxtrain.evaluators import eval_config, register_evaluator
+from jaxtrain.hooks import CheckpointSaveError, Hook, Loop, NonFiniteError
 from jaxtrain.state import TrainState
-from jaxtrain.tasks import Task, get_task, register_task
-from jaxtrain.trainer import CheckpointSaveError, NonFiniteError, Trainer, TrainResult, train
+from jaxtrain.task import Task
+from jaxtrain.tasks import get_task, register_task
+from jaxtrain.trainer import TrainResult
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointSaveError", "ConfigError", "NonFiniteError", "Task", "TrainResult", "TrainState",
-    "Trainer", "base_config", "get_task", "register_task", "train",
+    "CheckpointSaveError", "ConfigError", "Evaluator", "Hook", "Loop", "NonFiniteError", "Task",
+    "TrainResult", "TrainState", "Trainer", "base_config", "build_task", "eval_config",
+    "get_task", "register_evaluator", "register_task", "train",
 ]

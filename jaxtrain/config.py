@@ -14,14 +14,14 @@ from typing import Any
 
 import ml_collections
 
+from jaxtrain.errors import ConfigError
+
 OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
 SCHEDULES = ("constant", "linear", "cosine", "cosine_restarts", "wsd", "rsqrt")
 NONFINITE_MODES = ("skip", "error")
 MODES = ("min", "max")
 
 
-class ConfigError(ValueError):
-    """A config key has a wrong name, type or value. The message names the key and the fix."""
 
 
 def parse_variants(arg: str | None, valid: Iterable[str], config_file: str) -> dict[str, str]:
@@ -74,9 +74,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.param_groups = ()  # ((regex, lr_multiplier), ...); multiplier 0 freezes
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.every = 200  # 0 = only at the end
-    c.eval.batch_size = 256
-    c.eval.early_stop_metric = ""  # e.g. 'eval/mean_recall@1'; '' = no early stopping
+    c.eval.every = 200  # evaluators' default cadence; 0 = only at the end
+    c.eval.batch_size = 256  # evaluators' default global batch
+    c.eval.early_stop_metric = ""  # e.g. 'eval/retrieval/mean_recall@1'; '' = no early stopping
     c.eval.early_stop_mode = "max"
     c.eval.patience = 3  # evaluations without improvement before stopping
     c.eval.min_delta = 0.0
@@ -99,6 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.data = ml_collections.ConfigDict()
+    # Named evaluators, `evals.<name> = jaxtrain.evaluator.eval_config(type, ...)`: metrics
+    # `eval/<name>/...`. Tasks set their defaults; a config may add, change or delete them.
+    c.evals = ml_collections.ConfigDict()
     return c
 
 
@@ -123,15 +126,17 @@ def _close(key: str, valid: Iterable[str]) -> str:
     return f" Did you mean {', '.join(repr(m) for m in matches)}?" if matches else ""
 
 
-def check_keys(cfg: Mapping, schema: Mapping) -> None:
-    """Every key of `cfg` must exist in `schema` (recursively); else name it and the nearest."""
+def check_keys(cfg: Mapping, schema: Mapping, *, prefix: str = "", skip: str = "") -> None:
+    """Every key of `cfg` must exist in `schema` (recursively); else name it and the nearest.
+    `prefix` is prepended to key paths in messages; keys under `skip` (e.g. "evals.") are
+    left to their own check."""
     flat_cfg, flat_schema = _flatten(cfg), _flatten(schema)
     for path in flat_cfg:
-        if path not in flat_schema:
+        if path not in flat_schema and not (skip and path.startswith(skip)):
             parent = path.rpartition(".")[0]
             siblings = [p for p in flat_schema if p.rpartition(".")[0] == parent]
             raise ConfigError(
-                f"Unknown config key '{path}'.{_close(path, siblings)} "
+                f"Unknown config key '{prefix}{path}'.{_close(path, siblings)} "
                 f"Valid keys here: {', '.join(sorted(s.rpartition('.')[2] for s in siblings))}."
             )
 
@@ -150,7 +155,7 @@ def _type_ok(value: Any, default: Any) -> bool:
     return isinstance(value, type(default))
 
 
-def check_types(cfg: Mapping, schema: Mapping) -> None:
+def check_types(cfg: Mapping, schema: Mapping, *, prefix: str = "") -> None:
     flat_schema = _flatten(schema)
     for path, value in _flatten(cfg).items():
         default = flat_schema.get(path)
@@ -158,7 +163,7 @@ def check_types(cfg: Mapping, schema: Mapping) -> None:
             continue
         if not _type_ok(value, default):
             raise ConfigError(
-                f"Config key '{path}' must be {type(default).__name__} "
+                f"Config key '{prefix}{path}' must be {type(default).__name__} "
                 f"(like its default {default!r}), got {type(value).__name__} {value!r}."
             )
 
@@ -212,11 +217,16 @@ _RULES: list[Rule] = [
 ]
 
 
-def check_rules(cfg: ml_collections.ConfigDict, rules: Iterable[Rule] = ()) -> None:
+def apply_rules(cfg: Mapping, rules: Iterable[Rule]) -> None:
+    """Each (key path, predicate, rule text) whose key is in `cfg` must hold."""
     flat = _flatten(cfg)
-    for path, ok, rule in [*_RULES, *rules]:
+    for path, ok, rule in rules:
         if path in flat and not ok(flat[path]):
             raise ConfigError(f"Config key '{path}' {rule}; got {flat[path]!r}.")
+
+
+def check_rules(cfg: ml_collections.ConfigDict, rules: Iterable[Rule] = ()) -> None:
+    apply_rules(cfg, [*_RULES, *rules])
     for name, size in cfg.mesh.items():
         if size != -1 and size < 1:
             raise ConfigError(
@@ -249,11 +259,16 @@ def check_rules(cfg: ml_collections.ConfigDict, rules: Iterable[Rule] = ()) -> N
             raise ConfigError(
                 f"optim.param_groups[{i}] multiplier must be a number >= 0; got {group[1]!r}."
             )
+    evals = sorted(cfg.get("evals", {}))
     for key in ("eval.early_stop_metric", "checkpoint.best_metric"):
-        metric = flat[key]
-        if metric and not metric.startswith("eval/"):
+        metric = cfg.eval.early_stop_metric if key.startswith("eval.") else \
+            cfg.checkpoint.best_metric
+        if metric and (not metric.startswith("eval/") or metric.split("/")[1] not in evals
+                       or metric.count("/") < 2):
             raise ConfigError(
-                f"Config key '{key}' must name an eval metric such as 'eval/loss'; got {metric!r}."
+                f"Config key '{key}' must name an evaluator's metric, 'eval/<evaluator>/<metric>'"
+                f" (evaluators of this run: {evals}), e.g. 'eval/{(evals or ['val'])[0]}/loss'; "
+                f"got {metric!r}."
             )
 
 
@@ -277,6 +292,11 @@ def validate(
     cfg: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, rules: Iterable[Rule] = ()
 ) -> None:
     """Check names, types and values of `cfg` against `schema` (the defaults) and the rules."""
-    check_keys(cfg, schema)
+    check_keys(cfg, schema, skip="evals.")
     check_types(cfg, schema)
     check_rules(cfg, rules)
+    for name, block in cfg.get("evals", {}).items():
+        if not isinstance(block, Mapping | ml_collections.ConfigDict) or not block.get("type"):
+            raise ConfigError(
+                f"Config key 'evals.{name}' must be an evaluator block with a 'type' (e.g. "
+                f"jaxtrain.evaluator.eval_config('retrieval')); got {block!r}.")

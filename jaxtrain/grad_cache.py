@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxtrain.mesh import BATCH_AXES
+from jaxtrain.axes import BATCH_AXES
 
 # (params, chunk, rng, frozen) -> embeddings (pytree; every leaf has the chunk's rows first)
 EmbedFn = Callable[[Any, dict, jax.Array, Any], Any]

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxtrain.tasks.base import Task, params_key
+from jaxtrain.task import Task, params_key
 from jaxtrain.tree import nest, path_str
 
 BATCH_AXES = ("layers", "expert")
@@ -144,6 +144,14 @@ def merge(params: dict, base: Any, lora_cfg, dropout_rng: jax.Array | None = Non
     return jax.tree_util.tree_map_with_path(one, base)
 
 
+def merged_state_params(state: dict, lora_cfg) -> Any:
+    """The full params of a saved LoRA run's train state (host arrays, as
+    `checkpoint.read_state` returns it): its adapters merged into the base weights it keeps in
+    `frozen["lora_base"]`, as float32 numpy (the base may be bfloat16)."""
+    params = jax.device_get(merge(state["params"], state["frozen"]["lora_base"], lora_cfg))
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+
+
 def _lead_of(a, b, w) -> int:
     # a: [*lead, *in, r], b: [*lead, r, *out], w: [*lead, *in, *out]
     #   a.ndim + b.ndim - 2 = 2·lead + w.ndim - lead  =>  lead = a.ndim + b.ndim - 2 - w.ndim
@@ -151,7 +159,7 @@ def _lead_of(a, b, w) -> int:
 
 
 class LoraTask:
-    """Wraps a task (the trainer does, when `lora.rank > 0`), with the Task interface:
+    """Wraps a task (`jaxtrain.api.build_task` does, when `lora.rank > 0`), with the Task interface:
     trainable = adapters (+ `lora.trainable` params), frozen = the base weights."""
 
     def __init__(self, inner: Task):
@@ -206,8 +214,8 @@ class LoraTask:
     def grad_fn(self, mesh, full_params=None):
         return self.inner.grad_fn(mesh, full_params=self.full_params)
 
-    def eval_step(self, params, batch, frozen):
-        return self.inner.eval_step(self.full_params(params, frozen), batch, frozen)
+    def eval_params(self, params, frozen):
+        return self.full_params(params, frozen), frozen
 
     def inference_inputs(self, batch_size):
         return self.inner.inference_inputs(batch_size)
@@ -217,12 +225,6 @@ class LoraTask:
 
     def train_iterator(self, **kw):
         return self.inner.train_iterator(**kw)
-
-    def eval_batches(self, **kw):
-        return self.inner.eval_batches(**kw)
-
-    def eval_metrics(self, outputs):
-        return self.inner.eval_metrics(outputs)
 
     def step_tokens(self, batch):
         return self.inner.step_tokens(batch)

@@ -15,13 +15,10 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jaxtrain.axes import BATCH_AXES, MESH_AXES
 from jaxtrain.config import ConfigError
 from jaxtrain.tree import key_name
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
-# The batch is split over every axis but `tensor`: outside the MoE layers the `expert` axis is
-# one more data-parallel axis (its devices hold different experts, and different rows).
-BATCH_AXES = ("data", "fsdp", "expert")
 
 # logical name -> mesh axes. First match wins (flax semantics); unknown names are replicated.
 # Parameter names: embed, mlp, heads, kv_heads, head_dim, vocab, expert, layers (scan), ...

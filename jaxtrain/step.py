@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxtrain.mesh import BATCH_AXES
+from jaxtrain.axes import BATCH_AXES
 from jaxtrain.state import TrainState
 
 LossFn = Callable[[Any, dict, jax.Array, Any], tuple[jax.Array, dict]]

@@ -1,10 +1,13 @@
 """The task-agnostic trainer: mesh, optimizer, sharded state, the jitted step, and the loop.
 
-    trainer = Trainer(config, workdir)      # validates the config, builds mesh/optimizer/steps
+    trainer = Trainer(config, workdir, task=task, evaluators=evaluators)
     result = trainer.train()                # resumes from the workdir's latest checkpoint
 
-The loop never syncs with the device between log steps: per-step metrics stay on device until
-`train.log_every` steps have run, then are fetched together.
+It takes a built task (and its evaluators): `jaxtrain.Trainer` / `jaxtrain.train` (the face,
+`jaxtrain/api.py`) resolve them from the config's names. The loop only steps; logging, progress,
+evaluation, early stopping, preemption and checkpoints are hooks (:mod:`jaxtrain.hooks`). It never
+syncs with the device between log steps: per-step metrics stay on device until `train.log_every`
+steps have run, then are fetched together.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -29,21 +32,25 @@ from jax.experimental import multihost_utils
 
 from jaxtrain import mesh as mesh_lib
 from jaxtrain.checkpoint import Checkpointer, CheckpointMismatchError
-from jaxtrain.config import ConfigError, check_divisibility, validate
+from jaxtrain.config import ConfigError, check_divisibility
+from jaxtrain.evaluator import Evaluator
+from jaxtrain.hooks import (
+    Hook,
+    Loop,
+    Progress,
+    Window,
+    default_hooks,
+)
 from jaxtrain.optim import build_optimizer
 from jaxtrain.state import TrainState
 from jaxtrain.step import make_train_step
-from jaxtrain.tasks import Task, get_task
+from jaxtrain.task import Task
 from jaxtrain.tree import path_str
-from jaxtrain.writers import MetricWriter, ProgressBar
+from jaxtrain.writers import MetricWriter
 
 # Dense bf16 peak TFLOP/s per device, for MFU. Override with config.train.peak_tflops.
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "tpu v4": 275.0, "tpu v5 lite": 197.0,
                "tpu v5p": 459.0, "tpu v6": 918.0}
-
-
-class NonFiniteError(FloatingPointError):
-    """The loss or gradients became NaN/Inf and `train.nonfinite='error'`."""
 
 
 @dataclasses.dataclass
@@ -81,7 +88,7 @@ class TrainResult:
 
 
 @dataclasses.dataclass
-class _CompiledStep:
+class CompiledStep:
     """The train step compiled for one batch shape, with its cost figures."""
 
     fn: Any
@@ -91,70 +98,6 @@ class _CompiledStep:
     tokens: int  # tokens per global batch (0 = not a token model)
     samples: int = 0
     reported: bool = False
-
-
-@dataclasses.dataclass
-class _Window:
-    """Work done since the last log step (host-side numbers: no device sync)."""
-
-    samples: int = 0
-    tokens: int = 0
-    xla_flops: float = 0.0
-    model_flops: float = 0.0
-
-    def add(self, step: _CompiledStep) -> None:
-        self.samples += step.samples
-        self.tokens += step.tokens
-        self.xla_flops += step.xla_flops
-        self.model_flops += step.model_flops
-
-
-def _improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
-    if best is None:
-        return True
-    return value > best + min_delta if mode == "max" else value < best - min_delta
-
-
-@dataclasses.dataclass
-class Progress:
-    """Best-metric and early-stopping bookkeeping, saved in every checkpoint's JSON.
-
-    The best is tracked by `checkpoint.best_metric` (else `eval.early_stop_metric`); early
-    stopping counts evaluations whose `early_stop_metric` did not beat the best by `min_delta`.
-    """
-
-    best_step: int | None = None
-    best_value: float | None = None
-    es_best: float | None = None
-    es_bad: int = 0
-    tokens_seen: int = 0
-
-    def update(self, step: int, metrics: dict[str, float], cfg) -> bool:
-        """Record one evaluation; True when early stopping says stop."""
-        track = cfg.checkpoint.best_metric or cfg.eval.early_stop_metric
-        for key in {cfg.checkpoint.best_metric, cfg.eval.early_stop_metric} - {""}:
-            if key not in metrics:
-                raise ConfigError(
-                    f"Metric {key!r} (checkpoint.best_metric / eval.early_stop_metric) is not "
-                    f"produced by this task; available: {sorted(metrics)}."
-                )
-        if track:
-            mode = cfg.checkpoint.best_mode if cfg.checkpoint.best_metric else \
-                cfg.eval.early_stop_mode
-            if _improved(metrics[track], self.best_value, mode):
-                self.best_step, self.best_value = step, metrics[track]
-        es = cfg.eval.early_stop_metric
-        if not es:
-            return False
-        if _improved(metrics[es], self.es_best, cfg.eval.early_stop_mode, cfg.eval.min_delta):
-            self.es_best, self.es_bad = metrics[es], 0
-        else:
-            self.es_bad += 1
-        if self.es_bad >= cfg.eval.patience:
-            logging.info("Early stopping at step %d: %s did not improve for %d evaluations.",
-                         step, es, cfg.eval.patience)
-            return True
-        return False
 
 
 def _check_workdir(workdir: str, checkpoint_bytes: int) -> None:
@@ -178,10 +121,6 @@ def _check_workdir(workdir: str, checkpoint_bytes: int) -> None:
         )
 
 
-class CheckpointSaveError(OSError):
-    """Writing a checkpoint failed (disk full, permissions); the earlier ones are intact."""
-
-
 class Trainer:
     """Builds everything a run needs from a config; `train()` runs (or resumes) it."""
 
@@ -190,23 +129,29 @@ class Trainer:
         config: ml_collections.ConfigDict,
         workdir: str | None = None,
         *,
-        task: type[Task] | None = None,
+        task: Task,
+        evaluators: Mapping[str, Evaluator] | None = None,
         devices: list[jax.Device] | None = None,
         schedule: optax.Schedule | None = None,
+        hooks: Sequence[Hook] = (),
     ):
-        """`schedule` (a function of the step) replaces the config's learning-rate schedule
-        (`optim.schedule`, `lr`, warmup); None = the config's. The lr finder passes its sweep."""
-        task_cls = task or get_task(config.task)
-        validate(config, task_cls.default_config(), task_cls.config_rules())
+        """`task`: the built task (validated config; LoRA applied). `evaluators`: name ->
+        evaluator (`eval/<name>/...`). `schedule` (a function of the step) replaces the
+        config's learning-rate schedule (the LR finder passes its sweep). `hooks` run after the
+        built-in ones of `train()` (before preemption and checkpointing)."""
         self.config = config
         self.workdir = os.path.abspath(workdir or os.path.join("runs", config.task or "run"))
         self.mesh = mesh_lib.make_mesh(config.mesh, devices)
-        check_divisibility(config, mesh_lib.data_parallel_size(self.mesh))
-        self.task = task_cls(config)
-        if config.lora.rank:
-            from jaxtrain.lora import LoraTask
-
-            self.task = LoraTask(self.task)
+        dp = mesh_lib.data_parallel_size(self.mesh)
+        check_divisibility(config, dp)
+        self.task = task
+        self.evaluators = dict(evaluators or {})
+        for name, ev in self.evaluators.items():
+            if ev.config.batch_size % dp:
+                raise ConfigError(
+                    f"evals.{name}.batch_size ({ev.config.batch_size}) is not divisible by the "
+                    f"data-parallel size {dp}; use a multiple of {dp}.")
+        self.hooks = list(hooks)
         self.tx, self.schedule = build_optimizer(config.optim, config.train.steps,
                                                  schedule=schedule)
         self._build_state_shardings()
@@ -215,10 +160,8 @@ class Trainer:
             accum_steps=config.train.accum_steps, mesh=self.mesh,
             grad_fn=self.task.grad_fn(self.mesh),
         )
-        self._compiled: dict[tuple, _CompiledStep] = {}
-        self._eval_step = jax.jit(self.task.eval_step)
-        self._preempted = False
-        self._use_sync_point = jax.process_count() > 1
+        self._compiled: dict[tuple, CompiledStep] = {}
+        self._eval_steps: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ state
 
@@ -295,7 +238,7 @@ class Trainer:
             stack.enter_context(nn.logical_axis_rules(mesh_lib.DEFAULT_RULES))
         return stack
 
-    def compiled_step(self, state: TrainState, batch: dict) -> _CompiledStep:
+    def compiled_step(self, state: TrainState, batch: dict) -> CompiledStep:
         """The step compiled for this batch's shapes (once per distinct shape: a sequence-length
         curriculum compiles one step per length)."""
         signature = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items()))
@@ -309,13 +252,22 @@ class Trainer:
             donate_argnums=0,
         )
         t0 = time.perf_counter()
-        with self._tracing():
-            fn = jitted.lower(state, batch).compile()
+        try:
+            with self._tracing():
+                fn = jitted.lower(state, batch).compile()
+        except (ValueError, TypeError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(
+                f"Building the train step for batch {dict((k, v.shape) for k, v in batch.items())}"
+                f" on mesh {dict(self.mesh.shape)} failed: {type(e).__name__}: {e} -- the step "
+                "follows from the config (task, model, data shapes, mesh, train.*): change the "
+                "setting the message names.") from e
         seconds = time.perf_counter() - t0
         cost = fn.cost_analysis()
         cost = cost[0] if isinstance(cost, list | tuple) else cost
         shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-        self._compiled[signature] = _CompiledStep(
+        self._compiled[signature] = CompiledStep(
             fn=fn, seconds=seconds, xla_flops=float((cost or {}).get("flops", 0.0)),
             model_flops=self.task.model_flops_per_step(shapes),
             tokens=self.task.step_tokens(shapes),
@@ -329,32 +281,51 @@ class Trainer:
         """One jitted, donated step on a global (sharded) batch. Compiled on first use."""
         return self.compiled_step(state, batch).fn(state, batch)
 
-    def evaluate(self, state: TrainState) -> dict[str, float]:
-        """Run the task's eval over its held-out split; metrics namespaced `eval/...`."""
-        cfg = self.config
+    def _eval_step(self, name: str):
+        if name not in self._eval_steps:
+            ev, task = self.evaluators[name], self.task
+
+            def step(params, batch, frozen):
+                params, frozen = task.eval_params(params, frozen)
+                return ev.step(params, batch, frozen)
+
+            self._eval_steps[name] = jax.jit(step)
+        return self._eval_steps[name]
+
+    def evaluate(self, state: TrainState,
+                 names: Sequence[str] | None = None) -> dict[str, float]:
+        """Run the evaluators (all, or those named) on `state`: metrics `eval/<name>/...`."""
+        out: dict[str, float] = {}
+        for name in (self.evaluators if names is None else names):
+            metrics = self._run_evaluator(name, state)
+            out.update({f"eval/{name}/{k}": float(v) for k, v in metrics.items()})
+        return out
+
+    def _run_evaluator(self, name: str, state: TrainState) -> dict[str, float]:
+        ev, pc = self.evaluators[name], jax.process_count()
+        step = self._eval_step(name)
+        batch_size = ev.config.batch_size or self.config.eval.batch_size
         outputs = []
-        for host_batch in self.task.eval_batches(
-            batch_size=cfg.eval.batch_size // jax.process_count(),
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        ):
+        for host_batch in ev.batches(batch_size=batch_size // pc,
+                                     process_index=jax.process_index(), process_count=pc):
             valid = host_batch.pop("valid")
             batch = mesh_lib.shard_batch(host_batch, self.mesh)
             with self._tracing():
-                out = self._eval_step(state.params, batch, state.frozen)
+                out = step(state.params, batch, state.frozen)
             out["valid"] = mesh_lib.shard_batch({"valid": valid}, self.mesh)["valid"]
             outputs.append(out)
-        if jax.process_count() > 1:
+        if pc > 1:
             outputs = multihost_utils.process_allgather(outputs, tiled=True)
-        # Batches may differ in their keys (a task with several eval sets, e.g. retrieval pairs
-        # and a zero-shot set): each key is concatenated over the batches that have it.
+        # Batches may differ in their keys (an evaluator with two kinds of rows, e.g. the
+        # zero-shot images and class prompts): each key is concatenated over the batches
+        # that have it.
         merged: dict[str, list] = {}
         for out in jax.device_get(outputs):
             keep = np.asarray(out.pop("valid")).astype(bool)
             for k, v in out.items():
                 merged.setdefault(k, []).append(jax.tree.map(lambda x, keep=keep: x[keep], v))
         merged = {k: jax.tree.map(lambda *xs: np.concatenate(xs), *v) for k, v in merged.items()}
-        return {f"eval/{k}": float(v) for k, v in self.task.eval_metrics(merged).items()}
+        return ev.metrics(merged)
 
     # ------------------------------------------------------------------ loop
 
@@ -364,7 +335,8 @@ class Trainer:
         kind = jax.devices()[0].device_kind.lower()
         return next((v for k, v in PEAK_TFLOPS.items() if k in kind), 0.0)
 
-    def _train_iterator(self):
+    def train_iterator(self):
+        """The task's training data for this host (a resumable grain iterator)."""
         pc = jax.process_count()
         return self.task.train_iterator(
             seed=self.config.seed, batch_size=self.config.train.batch_size // pc,
@@ -378,7 +350,7 @@ class Trainer:
         warning and the one before it is tried; one that does not fit the model is an error.
         """
         for step in reversed(ckpt.all_steps()):
-            train_iter = self._train_iterator()
+            train_iter = self.train_iterator()
             try:
                 state, meta = ckpt.restore(step, self.abstract_state, self.state_shardings,
                                            train_iter)
@@ -392,9 +364,25 @@ class Trainer:
             return state, train_iter, meta
         return None
 
-    def _on_sigterm(self, signum, frame) -> None:
-        logging.warning("SIGTERM received: saving a checkpoint and stopping after this step.")
-        self._preempted = True
+    def loop(self, loop: Loop, hooks: Sequence[Hook]) -> Loop:
+        """Step from `loop.step` to `loop.stop_at`, calling every hook after each step, until
+        the last step or a hook's stop request. The whole training loop."""
+        for hook in hooks:
+            hook.on_start(loop)
+        try:
+            for _ in range(loop.step, loop.stop_at):
+                batch = mesh_lib.shard_batch(next(loop.train_iter), self.mesh)
+                loop.compiled = self.compiled_step(loop.state, batch)
+                loop.state, loop.metrics = loop.compiled.fn(loop.state, batch)
+                loop.step += 1
+                for hook in hooks:
+                    hook.after_step(loop)
+                if loop.last:
+                    break
+        finally:
+            for hook in reversed(hooks):
+                hook.on_end(loop)
+        return loop
 
     def train(self, stop_at_step: int | None = None) -> TrainResult:
         """Train to `config.train.steps` (or stop after `stop_at_step`, saving a checkpoint, as
@@ -408,11 +396,10 @@ class Trainer:
             async_save=cfg.checkpoint.async_save,
         )
         writer = MetricWriter(self.workdir)
-        pc = jax.process_count()
         progress = Progress()
         restored = self._restore_latest(ckpt)
         if restored is None:
-            state, train_iter = self.init_state(), self._train_iterator()
+            state, train_iter = self.init_state(), self.train_iterator()
             if jax.process_index() == 0:
                 with open(os.path.join(self.workdir, "config.json"), "w") as f:
                     f.write(cfg.to_json_best_effort(indent=2))
@@ -421,159 +408,35 @@ class Trainer:
             progress = Progress(**meta.get("progress", {}))
             self._log_config_changes(meta.get("config", {}))
         start = int(jax.device_get(state.step))
-        records = writer.truncate_after(start)
-
-        total = cfg.train.steps
-        stop = min(total, stop_at_step) if stop_at_step is not None else total
-        eval_every = cfg.eval.every or total
-        ckpt_every = cfg.checkpoint.every or total
-        bar = ProgressBar(total, start, cfg.train.progress_bar)
-        old_handler = signal.signal(signal.SIGTERM, self._on_sigterm) \
-            if _main_thread() else None
-        loss_history: list[tuple[int, float]] = []
-        pending: list[dict] = []
-        window = _Window()
-        stopped_early = False
-        t_last, steps_since, streak = time.perf_counter(), 0, 0
-
-        def make_meta(step: int) -> dict:
-            return {"step": step, "progress": dataclasses.asdict(progress),
-                    "config": cfg.to_dict(),
-                    "mesh": dict(self.mesh.shape), "process_count": pc}
-
+        stop = min(cfg.train.steps, stop_at_step) if stop_at_step is not None else \
+            cfg.train.steps
+        loop = Loop(trainer=self, state=state, train_iter=train_iter, start=start, stop_at=stop,
+                    step=start, progress=progress, writer=writer,
+                    records=writer.truncate_after(start))
         try:
-            for step in range(start, stop):
-                batch = mesh_lib.shard_batch(next(train_iter), self.mesh)
-                compiled = self.compiled_step(state, batch)
-                if not compiled.reported:
-                    writer.write(step, {"perf/compile_seconds": compiled.seconds,
-                                        "perf/xla_flops_per_step": compiled.xla_flops})
-                    compiled.reported = True
-                    t_last = time.perf_counter()
-                state, metrics = compiled.fn(state, batch)
-                pending.append(metrics)
-                window.add(compiled)
-                progress.tokens_seen += compiled.tokens
-                steps_since += 1
-                done = step + 1
-                bar.update(1)
-
-                if done % cfg.train.log_every == 0 or done == stop:
-                    host = jax.device_get(pending)
-                    dt = time.perf_counter() - t_last
-                    summary = self._summarize(host, steps_since, dt, window)
-                    if window.tokens:
-                        summary["train/tokens_seen"] = float(progress.tokens_seen)
-                    loss_history += [(done - len(host) + i + 1, float(m["loss"]))
-                                     for i, m in enumerate(host)]
-                    writer.write(done, summary)
-                    records.append({"step": done, **summary})
-                    bar.update(0, loss=summary["train/loss"], lr=summary["train/lr"],
-                               samples_s=summary["perf/samples_per_second"])
-                    streak = self._check_nonfinite(host, done, streak)
-                    pending, steps_since, window = [], 0, _Window()
-                    t_last = time.perf_counter()
-
-                eval_metrics = None
-                if done % eval_every == 0 or done == total:
-                    eval_metrics = self.evaluate(state)
-                    writer.write(done, eval_metrics)
-                    records.append({"step": done, **eval_metrics})
-                    stopped_early = progress.update(done, eval_metrics, cfg)
-
-                log_step = done % cfg.train.log_every == 0
-                last = (done == stop or stopped_early or self._preemption_notice(done)
-                        or self._preempted_everywhere(log_step))
-                new_best = progress.best_step == done and eval_metrics is not None
-                if done % ckpt_every == 0 or last or (cfg.checkpoint.best_metric and new_best):
-                    self._save(ckpt, done, state, train_iter, make_meta(done), eval_metrics)
-                if last:
-                    break
+            if start < stop:
+                self.loop(loop, default_hooks(self, ckpt, self.hooks))  # closes ckpt
+            else:
+                ckpt.close()
         finally:
-            bar.close()
-            self._save_guard(ckpt, None, ckpt.close)
             writer.close()
-            if old_handler is not None:
-                signal.signal(signal.SIGTERM, old_handler)
-
-        final_step = int(jax.device_get(state.step))
         return TrainResult(
             workdir=self.workdir,
-            final_step=final_step,
-            loss_history=loss_history,
-            metrics=records,
-            best_step=progress.best_step,
-            best_metric=progress.best_value,
+            final_step=int(jax.device_get(loop.state.step)),
+            loss_history=loop.loss_history,
+            metrics=loop.records,
+            best_step=loop.progress.best_step,
+            best_metric=loop.progress.best_value,
             checkpoint_paths=[ckpt.step_path(s) for s in ckpt.all_steps()],
-            final_state=state,
-            stopped_early=stopped_early,
-            preempted=self._preempted,
+            final_state=loop.state,
+            stopped_early=loop.stop_reason == "early_stop",
+            preempted=loop.stop_reason == "preempted",
         )
 
-    def _preemption_notice(self, step: int) -> bool:
-        """JAX's preemption service (multi-host runs, e.g. a TPU maintenance event) says every
-        process should save at this step. Cheap and collective-free; called on every step."""
-        if not self._use_sync_point:
-            return False
-        try:
-            reached = multihost_utils.reached_preemption_sync_point(step)
-        except RuntimeError:  # no preemption service (single process, or not enabled)
-            self._use_sync_point = False
-            return False
-        if reached:
-            logging.warning("Preemption notice at step %d: saving and stopping.", step)
-            self._preempted = True
-        return reached
-
-    def _preempted_everywhere(self, may_sync: bool) -> bool:
-        """SIGTERM seen by any process. Multi-host, this needs a collective: only at log steps."""
-        if jax.process_count() == 1:
-            return self._preempted
-        if not may_sync:
-            return False
-        flags = multihost_utils.process_allgather(np.asarray(self._preempted))
-        return bool(np.any(flags))
-
-    def _save_guard(self, ckpt: Checkpointer, step: int | None, fn, *args):
-        """Run a save (or the final wait for queued saves, `step=None`); turn an OSError into
-        CheckpointSaveError naming the checkpoints that are intact."""
-        try:
-            return fn(*args)
-        except OSError as e:
-            kept = [s for s in ckpt.all_steps() if s != step]
-            what = f"checkpoint {step}" if step is not None else "the last queued checkpoint"
-            raise CheckpointSaveError(
-                f"Writing {what} under {ckpt.directory} failed ({e}). The earlier "
-                f"checkpoints {kept} are intact; free space (or fix permissions) and re-run the "
-                "same command to resume from the latest of them."
-            ) from e
-
-    def _save(self, ckpt: Checkpointer, step: int, *args) -> None:
-        self._save_guard(ckpt, step, ckpt.save, step, *args)
-
-    def _check_nonfinite(self, host: list[dict], done: int, streak: int) -> int:
-        """Raise per `train.nonfinite`; return the run of consecutive skipped steps so far."""
-        cfg = self.config.train
-        bad = [done - len(host) + i + 1 for i, m in enumerate(host) if m["nonfinite"]]
-        if bad and cfg.nonfinite == "error":
-            raise NonFiniteError(
-                f"Non-finite loss or gradients at step(s) {bad[:10]} (updates were not applied; "
-                "the last checkpoint is intact). Lower optim.lr, set optim.clip_norm, or set "
-                "train.nonfinite='skip' to skip such steps."
-            )
-        for m in host:
-            streak = streak + 1 if m["nonfinite"] else 0
-            if cfg.max_nonfinite_streak and streak >= cfg.max_nonfinite_streak:
-                raise NonFiniteError(
-                    f"{streak} consecutive steps up to step {done} had a non-finite loss or "
-                    "gradients and were skipped (train.max_nonfinite_streak="
-                    f"{cfg.max_nonfinite_streak}); stopping. The last checkpoint is intact. "
-                    "Lower optim.lr, check the data, or raise train.max_nonfinite_streak."
-                )
-        return streak
-
-    def _summarize(self, host: list[dict], steps: int, seconds: float,
-                   window: _Window) -> dict[str, float]:
+    def summarize(self, host: list[dict], steps: int, seconds: float,
+                  window: Window) -> dict[str, float]:
+        """Train metrics of `steps` steps fetched to the host: means (`train/...`), skipped
+        steps, and throughput / FLOP rates / MFU over `seconds` (`perf/...`)."""
         out: dict[str, float] = {}
         for k in host[0]:
             if k == "nonfinite":
@@ -624,14 +487,3 @@ def _check_fits(field: str, given: dict[str, Any], target: Any) -> None:
             f"The pretrained {field} do not fit the model: unexpected {unexpected}, shapes differ "
             f"{differ}. Check the model config against the weights' source."
         )
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def train(config: ml_collections.ConfigDict, workdir: str | None = None, **kwargs: Any):
-    """Build a Trainer and run it. Returns a TrainResult."""
-    return Trainer(config, workdir, **kwargs).train()

@@ -10,7 +10,7 @@ workers (--worker=I --num_workers=N) share the study in <workdir>/optuna_journal
 def get_sweep():
     return {
         "method": "bayes",
-        "metric": "eval/mean_recall@1",
+        "metric": "eval/retrieval/mean_recall@1",
         "mode": "max",
         "num_trials": 12,
         "startup_trials": 5,

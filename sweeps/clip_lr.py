@@ -9,7 +9,7 @@ Trial order: optim.lr varies slowest, optim.weight_decay fastest (trial 1 = lr 1
 def get_sweep():
     return {
         "method": "grid",
-        "metric": "eval/mean_recall@1",
+        "metric": "eval/retrieval/mean_recall@1",
         "mode": "max",
         "parameters": {
             "optim.lr": {"values": [1e-3, 2e-3, 4e-3]},

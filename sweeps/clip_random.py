@@ -10,7 +10,7 @@ range suits the 60-step `runlocal` run; for the full 600-step config use e.g. ma
 def get_sweep():
     return {
         "method": "random",
-        "metric": "eval/mean_recall@1",
+        "metric": "eval/retrieval/mean_recall@1",
         "mode": "max",
         "num_trials": 8,
         "seed": 0,

@@ -112,10 +112,10 @@ def test_interrupt_and_resume_matches_uninterrupted(tmp_path):
 
 def test_rotation_keeps_latest_and_best(tmp_path):
     cfg = toy_task.config(train__steps=12, checkpoint__every=2, checkpoint__keep=2,
-                          eval__every=2, checkpoint__best_metric="eval/loss",
+                          eval__every=2, checkpoint__best_metric="eval/val/loss",
                           checkpoint__best_mode="max")  # 'max' loss: the best is an early step
     result = Trainer(cfg, tmp_path).train()
-    evals = {r["step"]: r["eval/loss"] for r in result.eval_history}
+    evals = {r["step"]: r["eval/val/loss"] for r in result.eval_history}
     best = max(evals, key=evals.get)
     assert best < 10, evals
     kept = sorted(int(Path(p).name) for p in result.checkpoint_paths)
@@ -134,7 +134,7 @@ def test_incompatible_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_early_stopping(tmp_path):
-    cfg = toy_task.config(train__steps=40, eval__every=4, eval__early_stop_metric="eval/loss",
+    cfg = toy_task.config(train__steps=40, eval__every=4, eval__early_stop_metric="eval/val/loss",
                           eval__early_stop_mode="min", eval__patience=2, eval__min_delta=10.0)
     result = Trainer(cfg, tmp_path).train()
     # the first eval sets the reference; no later eval beats it by 10.0 -> stop at the third

@@ -8,9 +8,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxtrain.config import base_config
+from jaxtrain import Evaluator, Task, base_config, eval_config, register_evaluator, register_task
 from jaxtrain.data import pipeline
-from jaxtrain.tasks import Task, register_task
 
 
 class Mlp(nn.Module):
@@ -59,6 +58,7 @@ class RegressionTask(Task):
         c.checkpoint.every = 4
         c.optim.lr = 1e-2
         c.optim.schedule = "constant"
+        c.evals.val = eval_config("toy_mse")
         return c
 
     def __init__(self, config):
@@ -82,15 +82,29 @@ class RegressionTask(Task):
         return pipeline.train_iterator(self._source("train"), batch_size=batch_size, seed=seed,
                                        process_index=process_index, process_count=process_count)
 
-    def eval_batches(self, *, batch_size, process_index, process_count):
+    def heldout_batches(self, *, batch_size, process_index, process_count, source=""):
         return pipeline.eval_batches(self._source("eval"), batch_size=batch_size,
                                      process_index=process_index, process_count=process_count)
 
-    def eval_step(self, params, batch, frozen):
-        pred = self.model.apply({"params": params}, batch["x"])
-        return {"se": (pred - batch["y"]) ** 2}
+    def predict(self, params, x):
+        return self.model.apply({"params": params}, x)
 
-    def eval_metrics(self, outputs):
+
+@register_evaluator
+class MseEvaluator(Evaluator):
+    """Mean squared error of the held-out rows (a toy evaluator, registered publicly)."""
+
+    type = "toy_mse"
+    requires = ("heldout_batches", "predict")
+
+    def batches(self, *, batch_size, process_index, process_count):
+        return self.task.heldout_batches(batch_size=batch_size, process_index=process_index,
+                                         process_count=process_count)
+
+    def step(self, params, batch, frozen):
+        return {"se": (self.task.predict(params, batch["x"]) - batch["y"]) ** 2}
+
+    def metrics(self, outputs):
         return {"loss": float(np.mean(outputs["se"]))}
 
 

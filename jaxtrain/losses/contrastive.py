@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jaxtrain.mesh import BATCH_AXES
+from jaxtrain.axes import BATCH_AXES
 
 Array = jax.Array
 Metrics = dict[str, Array]

@@ -1,6 +1,7 @@
 """What a task is: everything specific to one kind of training, and nothing else.
 
-The trainer only ever talks to a task through this interface.
+The trainer only ever talks to a task through this interface (and to its evaluators through
+:class:`jaxtrain.evaluator.Evaluator`). Tasks are registered by name in `jaxtrain.tasks`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class Task(abc.ABC):
     @classmethod
     @abc.abstractmethod
     def default_config(cls) -> ml_collections.ConfigDict:
-        """The full default config (engine defaults + this task's `model` and `data`)."""
+        """The full default config (engine defaults + this task's `model`, `data` and its
+        default `evals`)."""
 
     @classmethod
     def config_rules(cls) -> list[Rule]:
@@ -72,19 +74,18 @@ class Task(abc.ABC):
         """Endless iterator of host-local batches (`batch_size` is per host). It must have
         `get_state()` / `set_state()` (a grain iterator) so a resumed run sees the same data."""
 
-    @abc.abstractmethod
-    def eval_batches(
-        self, *, batch_size: int, process_index: int, process_count: int
+    def heldout_batches(
+        self, *, batch_size: int, process_index: int, process_count: int, source: str = ""
     ) -> Iterable[dict[str, np.ndarray]]:
-        """Host-local eval batches, every one full (pad the last)."""
+        """Host-local batches of the task's held-out split (every one full: the last is padded
+        and a boolean ``valid`` marks real rows), for the evaluators that read it. `source` = ""
+        is the split the task's `data` config holds out; else a dataset to read whole."""
+        raise TypeError(f"The {self.name!r} task has no held-out split to evaluate on.")
 
-    @abc.abstractmethod
-    def eval_step(self, params: Any, batch: dict, frozen: Any) -> Any:
-        """Pure, jitted: per-example outputs for a global eval batch (leading batch axis)."""
-
-    @abc.abstractmethod
-    def eval_metrics(self, outputs: Any) -> dict[str, float]:
-        """Host side: metrics from the concatenated outputs of all eval batches."""
+    def eval_params(self, params: Any, frozen: Any) -> tuple[Any, Any]:
+        """Pure: the (params, frozen) evaluators see: the model's own (the LoRA wrapper merges
+        its adapters here). Default: as trained."""
+        return params, frozen
 
     def step_tokens(self, batch: dict[str, jax.ShapeDtypeStruct]) -> int:
         """Tokens in one global batch (for tokens/s); 0 = not a token model. Shapes only."""
