@@ -19,7 +19,6 @@ from jaxtrain.axes import BATCH_AXES, MESH_AXES
 from jaxtrain.config import ConfigError
 from jaxtrain.tree import key_name
 
-
 # logical name -> mesh axes. First match wins (flax semantics); unknown names are replicated.
 # Parameter names: embed, mlp, heads, kv_heads, head_dim, vocab, expert, layers (scan), ...
 # Activation names (active while the step is traced): batch, length, act_*.

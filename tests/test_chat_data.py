@@ -298,7 +298,7 @@ def test_builtin_chat_examples_are_deterministic_and_correct():
                 assert int(match[2]) == len(match[1])
                 tasks.add("count")
             elif match := re.fullmatch(r"The capital of (.+) is (.+)\.", answer["content"]):
-                assert dict(chat._CAPITALS)[match[1]] == match[2]
+                assert dict(chat.CAPITALS)[match[1]] == match[2]
                 tasks.add("capital")
     assert tasks == {"+", "-", "reverse", "upper", "count", "capital"}
 

@@ -1,4 +1,5 @@
-"""Image decoding/preprocessing (jaxtrain.data.images) and contrastive pair data (pairs)."""
+"""Image decoding/preprocessing (jaxtrain.data.images), contrastive pair data (pair_config,
+pair_sources, pair_rows) and the zero-shot set (zero_shot)."""
 
 import dataclasses
 import io
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxtrain.config import ConfigError, base_config, validate
-from jaxtrain.data import pairs
+from jaxtrain.config import ConfigError, apply_rules, base_config, validate
+from jaxtrain.data import pair_config, pair_rows, pair_sources, zero_shot
 from jaxtrain.data.images import (
     CLIP_MEAN,
     CLIP_STD,
@@ -48,11 +49,18 @@ def _rand_image(rng, h=20, w=24) -> np.ndarray:
 
 
 def _cfg(**overrides):
-    d = pairs.default_data_config()
+    d = pair_config.default_data_config()
     d.prefetch = 0
     for k, v in overrides.items():
         d[k] = v
     return d
+
+
+def _zs(**overrides):
+    z = zero_shot.default_config()
+    for k, v in overrides.items():
+        z[k] = v
+    return z
 
 
 def _take(it, n):
@@ -181,8 +189,9 @@ def test_random_resized_crop():
 def test_shapes_pairs_every_mode():
     tok = CaptionTokenizer()
     base = ShapesSource(30, image_size=S, max_text_len=T, seed=4)
-    for mode in pairs.MODES:
-        src = ShapesPairs(30, mode=mode, num_negatives=5, image_size=S, seed=4)
+    for mode in pair_config.MODES:
+        src = ShapesPairs(30, modalities=pair_config.PAIR_MODES[mode], num_negatives=5,
+                          image_size=S, seed=4)
         for i in range(30):
             ex, ref, combos = src[i], base[i], src.combos(i)
             if mode == "i2t":
@@ -205,14 +214,17 @@ def test_shapes_pairs_every_mode():
             else:
                 assert all(n.shape == (S, S, 3) for n in ex["negatives"])
     assert len(neighbour_combos(base.combo(0))) == NUM_NEIGHBOURS == 13
-    assert len(set(ShapesPairs(3, mode="t2i", num_negatives=20).combos(0)["negatives"])) == 13
+    many = ShapesPairs(3, modalities=("text", "image"), num_negatives=20)
+    assert len(set(many.combos(0)["negatives"])) == 13
+    with pytest.raises(ValueError, match="modalities must be"):
+        ShapesPairs(3, modalities=("image", "audio"))
 
 
 def test_shapes_batches_every_mode():
     d = _cfg(train_examples=64, eval_examples=10)
     tok = CaptionTokenizer()
-    for mode in pairs.MODES:
-        it = pairs.train_iterator(d, mode=mode, num_negatives=2, image_size=S, text_max_len=T,
+    for mode in pair_config.MODES:
+        it = pair_rows.train_iterator(d, mode=mode, num_negatives=2, image_size=S, text_max_len=T,
                                   seed=0, batch_size=4)
         batch = next(it)
         q, p = {"i2t": ("i", "t"), "t2i": ("t", "i"), "t2t": ("t", "t"), "i2i": ("i", "i")}[mode]
@@ -230,7 +242,7 @@ def test_shapes_batches_every_mode():
     # The eval rows, in order: the held-out set the CLIP task always had, images normalised.
     held_out = ShapesSource(10, image_size=S, max_text_len=T, seed=3 + 1_000_003,
                             unique_combos=True)
-    batches = list(pairs.eval_batches(d, mode="i2t", num_negatives=0, image_size=S,
+    batches = list(pair_rows.eval_batches(d, mode="i2t", num_negatives=0, image_size=S,
                                       text_max_len=T, batch_size=4, seed=3))
     assert [len(b["valid"]) for b in batches] == [4, 4, 4]
     assert np.concatenate([b["valid"] for b in batches]).sum() == 10
@@ -244,29 +256,29 @@ def test_shapes_batches_every_mode():
 def test_resume_host_split_and_augmentation():
     d = _cfg(train_examples=24, augment="random_resized_crop", rrc_scale=(0.5, 1.0))
     kw = dict(mode="i2t", num_negatives=1, image_size=S, text_max_len=T, seed=5)
-    it = pairs.train_iterator(d, batch_size=4, **kw)
+    it = pair_rows.train_iterator(d, batch_size=4, **kw)
     _take(it, 7)  # past the first epoch (6 batches)
     state = it.get_state()
     expected = _take(it, 4)
-    fresh = pairs.train_iterator(d, batch_size=4, **kw)
+    fresh = pair_rows.train_iterator(d, batch_size=4, **kw)
     fresh.set_state(json.loads(json.dumps(state)))
     _same(_take(fresh, 4), expected)
     # Two hosts read the two halves of the same global batches, augmentation included.
-    one = _take(pairs.train_iterator(d, batch_size=8, **kw), 4)
-    halves = [_take(pairs.train_iterator(d, batch_size=4, process_index=h, process_count=2, **kw),
-                    4) for h in range(2)]
+    one = _take(pair_rows.train_iterator(d, batch_size=8, **kw), 4)
+    halves = [_take(pair_rows.train_iterator(d, batch_size=4, process_index=h, process_count=2,
+                                             **kw), 4) for h in range(2)]
     for b, x, y in zip(one, *halves, strict=True):
         for k in b:
             np.testing.assert_array_equal(b[k], np.concatenate([x[k], y[k]]))
     # Augmentation differs across epochs: the same example is cropped differently.
-    epochs = _take(pairs.train_iterator(d, batch_size=4, **kw), 12)
+    epochs = _take(pair_rows.train_iterator(d, batch_size=4, **kw), 12)
     by_text = {}
     for b in epochs:
         for image, text in zip(b["query"], b["positive"], strict=True):
             by_text.setdefault(text.tobytes(), []).append(image)
     seen_twice = [v for v in by_text.values() if len(v) == 2]
     assert seen_twice and all(not np.array_equal(a, b) for a, b in seen_twice)
-    plain = _take(pairs.train_iterator(_cfg(train_examples=24), batch_size=4, **kw), 1)[0]
+    plain = _take(pair_rows.train_iterator(_cfg(train_examples=24), batch_size=4, **kw), 1)[0]
     np.testing.assert_array_equal(plain["positive"], epochs[0]["positive"])  # same order
     assert not np.array_equal(plain["query"], epochs[0]["query"])
 
@@ -274,15 +286,15 @@ def test_resume_host_split_and_augmentation():
 def test_resume_with_worker_processes():
     d = _cfg(train_examples=20, augment="random_resized_crop", workers=2)
     kw = dict(mode="t2i", num_negatives=1, image_size=S, text_max_len=T, seed=1, batch_size=4)
-    reference = _take(pairs.train_iterator(_cfg(train_examples=20,
+    reference = _take(pair_rows.train_iterator(_cfg(train_examples=20,
                                                 augment="random_resized_crop"), **kw), 6)
-    it = pairs.train_iterator(d, **kw)
+    it = pair_rows.train_iterator(d, **kw)
     try:
         _same(_take(it, 3), reference[:3])
         state = json.loads(json.dumps(it.get_state()))
     finally:
         it.close()
-    fresh = pairs.train_iterator(d, **kw)
+    fresh = pair_rows.train_iterator(d, **kw)
     try:
         fresh.set_state(state)
         _same(_take(fresh, 3), reference[3:])
@@ -309,7 +321,7 @@ def _check_i2t(d, pictures, tok_name="gpt2", first=None):
 
     tok = load_tokenizer("gpt2") if tok_name == "gpt2" else None
     kw = dict(mode="i2t", num_negatives=0, image_size=S, text_max_len=T)
-    batches = list(pairs.eval_batches(d, batch_size=4, **kw))
+    batches = list(pair_rows.eval_batches(d, batch_size=4, **kw))
     valid = np.concatenate([b["valid"] for b in batches])
     query = np.concatenate([b["query"] for b in batches])[valid]
     positive = np.concatenate([b["positive"] for b in batches])[valid]
@@ -320,7 +332,7 @@ def _check_i2t(d, pictures, tok_name="gpt2", first=None):
             ids = tok(f"picture {first + k}")["input_ids"]
             np.testing.assert_array_equal(positive[k][:len(ids)], ids)
             assert (positive[k][len(ids):] == GPT2_PAD).all()
-    train = next(pairs.train_iterator(d, seed=0, batch_size=4, **kw))
+    train = next(pair_rows.train_iterator(d, seed=0, batch_size=4, **kw))
     assert train["query"].shape == (4, S, S, 3) and train["positive"].shape == (4, T)
     return len(query)
 
@@ -337,12 +349,11 @@ def test_saved_dataset_with_image_feature(tmp_path, pictures):
     assert _check_i2t(d, pictures) == 2  # no eval split: the last 20% are held out
     d.eval_fraction = 0.0
     with pytest.raises(ValueError, match="no split 'validation'.*eval_fraction"):
-        pairs.eval_batches(d, mode="i2t", num_negatives=0, image_size=S, text_max_len=T,
+        pair_rows.eval_batches(d, mode="i2t", num_negatives=0, image_size=S, text_max_len=T,
                            batch_size=4)
     # Zero-shot from a ClassLabel column: names from the feature, '_' -> ' ' in prompts.
-    d.zero_shot.name, d.zero_shot.split = str(tmp_path / "saved"), "train"
-    d.zero_shot.templates = ("a photo of a {}.", "{}")
-    z = pairs.zero_shot_set(d, image_size=S, text_max_len=T)
+    zs = _zs(name=str(tmp_path / "saved"), split="train", templates=("a photo of a {}.", "{}"))
+    z = zero_shot.zero_shot_set(zs, d, image_size=S, text_max_len=T)
     assert z.class_names == ["odd_one", "even_one"] and len(z) == 10
     np.testing.assert_array_equal(z.labels, [1 - i % 2 for i in range(10)])
     assert z.prompts.shape == (2, 2, T) and z.prompts.dtype == np.int32
@@ -384,17 +395,17 @@ def test_jsonl_with_relative_paths_every_mode(tmp_path, pictures):
     csv.write_text("image,text\n" + "".join(f"img/{i}.png,picture {i}\n" for i in range(10)))
     assert _check_i2t(_cfg(name=str(csv), tokenizer="gpt2", eval_fraction=0.2), pictures) == 2
     # i2i with hard negatives from a list column; eval takes the first num_negatives.
-    (b,) = pairs.eval_batches(d, mode="i2i", num_negatives=1, image_size=S, text_max_len=T,
+    (b,) = pair_rows.eval_batches(d, mode="i2i", num_negatives=1, image_size=S, text_max_len=T,
                               batch_size=2)
     np.testing.assert_allclose(b["query"][0], _expected(pictures[9]), atol=1e-6)
     np.testing.assert_allclose(b["positive"][0], _expected(pictures[0]), atol=1e-6)
     np.testing.assert_allclose(b["negatives"][0, 0], _expected(pictures[1]), atol=1e-6)
     assert b["negatives"].shape == (2, 1, S, S, 3) and b["valid"].tolist() == [True, False]
-    train = next(pairs.train_iterator(d, mode="i2i", num_negatives=2, image_size=S,
+    train = next(pair_rows.train_iterator(d, mode="i2i", num_negatives=2, image_size=S,
                                       text_max_len=T, seed=0, batch_size=3))
     assert train["negatives"].shape == (3, 2, S, S, 3)
     with pytest.raises(ValueError, match=r"Row 0 .*has 2 negatives.*num_negatives=3"):
-        pairs.train_iterator(d, mode="i2i", num_negatives=3, image_size=S, text_max_len=T,
+        pair_rows.train_iterator(d, mode="i2i", num_negatives=3, image_size=S, text_max_len=T,
                              seed=0, batch_size=3)
 
 
@@ -415,12 +426,12 @@ def test_t2t_with_text_negatives():
         "query": [f"question {i}" for i in range(6)], "positive": [f"answer {i}" for i in range(6)],
         "negatives": [[f"wrong {i}", f"bad {i}", f"no {i}"] for i in range(6)]})
     d = _cfg(tokenizer="gpt2")
-    rows, preparer = pairs._build(d, which="train", mode="t2t", num_negatives=2,
+    rows, preparer = pair_rows.build_rows(d, which="train", mode="t2t", num_negatives=2,
                                   image_size=S, text_max_len=8, seed=0)
     from jaxtrain.data.tokenizers import load_tokenizer
 
     tok = load_tokenizer("gpt2")
-    raw = pairs.DatasetRows(ds, {"query": "query", "positive": "positive",
+    raw = pair_sources.PairRows(ds, {"query": "query", "positive": "positive",
                                  "negatives": "negatives"})[4]
     train = dataclasses.replace(preparer, seed=0)
     row = train(17, raw)
@@ -440,7 +451,8 @@ def test_t2t_with_text_negatives():
 
 def test_zero_shot_on_shapes():
     d = _cfg(eval_examples=40)
-    z = pairs.zero_shot_set(d, image_size=S, text_max_len=T, seed=2)
+    zs = zero_shot.default_config()
+    z = zero_shot.zero_shot_set(zs, d, image_size=S, text_max_len=T, seed=2)
     held_out = ShapesSource(40, image_size=S, max_text_len=T, seed=2 + 1_000_003,
                             unique_combos=True)
     assert z.class_names == list(SHAPES) and len(z) == 40
@@ -450,12 +462,17 @@ def test_zero_shot_on_shapes():
     tok = CaptionTokenizer()
     assert z.prompts.shape == (4, 1, T)
     assert [tok.decode(p[0]) for p in z.prompts] == [f"a photo of a {s}" for s in SHAPES]
-    d.zero_shot.attribute = "position"
-    assert pairs.zero_shot_set(d, image_size=S, text_max_len=T).class_names == list(POSITIONS)
-    d.zero_shot.name = "none"
-    assert pairs.zero_shot_set(d, image_size=S, text_max_len=T) is None
-    assert pairs.zero_shot_set(_cfg(name="x/y", tokenizer="gpt2"), image_size=S,
-                               text_max_len=T) is None  # '' with a dataset: off
+    zs.attribute = "position"
+    assert zero_shot.zero_shot_set(zs, d, image_size=S, text_max_len=T).class_names == list(
+        POSITIONS)
+    # The task's tokenizer, when given, is used instead of loading data.tokenizer again.
+    caption = pair_rows.load_text_tokenizer(d)
+    np.testing.assert_array_equal(zero_shot.zero_shot_set(
+        zs, d, image_size=S, text_max_len=T, tokenizer=caption).prompts, zero_shot.zero_shot_set(
+        zs, d, image_size=S, text_max_len=T).prompts)
+    assert zero_shot.zero_shot_set(_zs(name="none"), d, image_size=S, text_max_len=T) is None
+    assert zero_shot.zero_shot_set(zs, _cfg(name="x/y", tokenizer="gpt2"), image_size=S,
+                                   text_max_len=T) is None  # '' with a dataset: off
 
 
 def test_zero_shot_labels_from_ints_and_strings(tmp_path, pictures):
@@ -463,25 +480,29 @@ def test_zero_shot_labels_from_ints_and_strings(tmp_path, pictures):
                                      "label": [0, 1, 1, 0], "name": ["b", "a", "a", "b"]})
     ds.save_to_disk(str(tmp_path / "zs"))
     d = _cfg()
-    d.zero_shot.name, d.zero_shot.split = str(tmp_path / "zs"), "train"
-    with pytest.raises(ValueError, match="plain integers.*class_names"):
-        pairs.zero_shot_set(d, image_size=S, text_max_len=T)
-    d.zero_shot.class_names = ("circle", "square")
-    z = pairs.zero_shot_set(d, image_size=S, text_max_len=T)
+    zs = _zs(name=str(tmp_path / "zs"), split="train")
+    with pytest.raises(ValueError, match="plain integers.*evals.zero_shot.class_names"):
+        zero_shot.zero_shot_set(zs, d, image_size=S, text_max_len=T)
+    zs.class_names = ("circle", "square")
+    z = zero_shot.zero_shot_set(zs, d, image_size=S, text_max_len=T)
     assert z.class_names == ["circle", "square"] and z.labels.tolist() == [0, 1, 1, 0]
-    d.zero_shot.class_names, d.zero_shot.label_column = (), "name"
+    zs.class_names, zs.label_column = (), "name"
     d.tokenizer = "gpt2"
-    z = pairs.zero_shot_set(d, image_size=S, text_max_len=T)
+    z = zero_shot.zero_shot_set(zs, d, image_size=S, text_max_len=T)
     assert z.class_names == ["a", "b"] and z.labels.tolist() == [1, 0, 0, 1]
-    d.zero_shot.label_column = "category"
-    with pytest.raises(ValueError, match=r"needs labels.*'category'.*\['image', 'label', 'name'\]"):
-        pairs.zero_shot_set(d, image_size=S, text_max_len=T)
+    zs.label_column = "category"
+    with pytest.raises(ValueError, match=r"needs labels.*'category'.*\['image', 'label', 'name'\]"
+                       r".*Set evals.mine.label_column"):
+        zero_shot.zero_shot_set(zs, d, image_size=S, text_max_len=T, prefix="evals.mine.")
+    zs.split = "test"
+    with pytest.raises(ValueError, match="no split 'test'.*set evals.zero_shot.split"):
+        zero_shot.zero_shot_set(zs, d, image_size=S, text_max_len=T)
 
 
 def test_default_config_validates():
     c = base_config()
-    c.data = pairs.default_data_config()
-    rules = pairs.data_config_rules()
+    c.data = pair_config.default_data_config()
+    rules = pair_config.data_config_rules()
     validate(c, c, rules)
     assert {k for k, _, _ in rules} >= {"data.augment", "data.rrc_scale", "data.workers"}
     for key, value, match in [("augment", "mixup", "data.augment"),
@@ -489,15 +510,18 @@ def test_default_config_validates():
                               ("image_interpolation", "cubic", "data.image_interpolation"),
                               ("eval_examples", 241, "data.eval_examples")]:
         bad = base_config()
-        bad.data = pairs.default_data_config()
+        bad.data = pair_config.default_data_config()
         bad.data[key] = value
         with pytest.raises(ConfigError, match=match):
             validate(bad, c, rules)
-    bad = base_config()
-    bad.data = pairs.default_data_config()
-    bad.data.zero_shot.templates = ("no placeholder",)
-    with pytest.raises(ConfigError, match="zero_shot.templates"):
-        validate(bad, c, rules)
+    assert "zero_shot" not in c.data  # the zero-shot set's keys belong to its evaluator
+    zs_rules = zero_shot.config_rules("evals.zero_shot.")
+    apply_rules({"evals": {"zero_shot": zero_shot.default_config()}}, zs_rules)
+    for key, value in [("templates", ("no placeholder",)), ("attribute", "hue"),
+                       ("max_examples", -1), ("label_column", "")]:
+        bad_zs = _zs(**{key: value})
+        with pytest.raises(ConfigError, match=f"'evals.zero_shot.{key}'"):
+            apply_rules({"evals": {"zero_shot": bad_zs}}, zs_rules)
 
 
 def _bad_dataset(tmp_path, pictures):
@@ -511,44 +535,44 @@ def _bad_dataset(tmp_path, pictures):
 def test_errors(tmp_path, pictures):
     kw = dict(mode="i2t", num_negatives=0, image_size=S, text_max_len=T, batch_size=2)
     with pytest.raises(ValueError, match="'no_such/dataset_xyz'.*HF_HUB_OFFLINE"):
-        pairs.eval_batches(_cfg(name="no_such/dataset_xyz", tokenizer="gpt2"), **kw)
+        pair_rows.eval_batches(_cfg(name="no_such/dataset_xyz", tokenizer="gpt2"), **kw)
     with pytest.raises(ValueError, match="looks like a local path but does not exist"):
-        pairs.eval_batches(_cfg(name=str(tmp_path / "nope.jsonl"), tokenizer="gpt2"), **kw)
+        pair_rows.eval_batches(_cfg(name=str(tmp_path / "nope.jsonl"), tokenizer="gpt2"), **kw)
     with pytest.raises(ConfigError, match="data.tokenizer is ''.*save_pretrained"):
-        pairs.eval_batches(_cfg(name=str(tmp_path)), **kw)
+        pair_rows.eval_batches(_cfg(name=str(tmp_path)), **kw)
     with pytest.raises(ConfigError, match="hflip"):
-        pairs.eval_batches(_cfg(hflip=True), **kw)
+        pair_rows.eval_batches(_cfg(hflip=True), **kw)
     with pytest.raises(ConfigError, match="image_crop"):
-        pairs.eval_batches(_cfg(image_crop=S + 1), **kw)
+        pair_rows.eval_batches(_cfg(image_crop=S + 1), **kw)
     with pytest.raises(ConfigError, match="text_max_len"):
-        pairs.eval_batches(_cfg(), **{**kw, "text_max_len": 5})
+        pair_rows.eval_batches(_cfg(), **{**kw, "text_max_len": 5})
     with pytest.raises(ConfigError, match="mode 'x2y'"):
-        pairs.eval_batches(_cfg(), **{**kw, "mode": "x2y"})
+        pair_rows.eval_batches(_cfg(), **{**kw, "mode": "x2y"})
     name = _bad_dataset(tmp_path, pictures)
     d = _cfg(name=name, tokenizer="gpt2", eval_split="train", eval_fraction=0.0)
     with pytest.raises(ValueError, match=r"text_column = 'caption'.*\['image', 'text', 'number'\]"):
-        pairs.eval_batches(_cfg(name=name, tokenizer="gpt2", text_column="caption"), **kw)
+        pair_rows.eval_batches(_cfg(name=name, tokenizer="gpt2", text_column="caption"), **kw)
     with pytest.raises(ValueError, match=r"mode 't2t'.*query.*positive.*columns are"):
-        pairs.eval_batches(d, **{**kw, "mode": "t2t"})
+        pair_rows.eval_batches(d, **{**kw, "mode": "t2t"})
     with pytest.raises(ValueError, match=r"mode 'i2t' \(with 2 negatives\).*negatives_column"):
-        pairs.eval_batches(d, **{**kw, "num_negatives": 2})
+        pair_rows.eval_batches(d, **{**kw, "num_negatives": 2})
     with pytest.raises(ValueError, match="'number'.*int64.*not text strings"):
-        pairs.eval_batches(_cfg(name=name, tokenizer="gpt2", text_column="number"), **kw)
-    batches = pairs.eval_batches(d, **kw)
+        pair_rows.eval_batches(_cfg(name=name, tokenizer="gpt2", text_column="number"), **kw)
+    batches = pair_rows.eval_batches(d, **kw)
     next(batches)
     with pytest.raises(ValueError, match=r"Row 2 of .*'text'.*NoneType.*not a string"):
         next(batches)
-    batches = pairs.eval_batches(d, **kw, process_index=1, process_count=2)  # rows 1, 3, 5
+    batches = pair_rows.eval_batches(d, **kw, process_index=1, process_count=2)  # rows 1, 3, 5
     next(batches)
     with pytest.raises(ValueError, match=r"Row 5 of .*image in column 'image'.*cannot decode"):
         next(batches)
     # In training the error surfaces from the iterator, with the same message.
     d.max_train_examples = 0
-    it = pairs.train_iterator(d, **{**kw, "batch_size": 6}, seed=0)
+    it = pair_rows.train_iterator(d, **{**kw, "batch_size": 6}, seed=0)
     with pytest.raises(Exception, match=r"Row [25] of"):
         next(it)
     with pytest.raises(ValueError, match="larger than the data"):
-        pairs.train_iterator(_cfg(train_examples=4), **{**kw, "batch_size": 8}, seed=0)
+        pair_rows.train_iterator(_cfg(train_examples=4), **{**kw, "batch_size": 8}, seed=0)
 
 
 def test_hf_text_tokenizer_leaves_the_shared_builtin_tokenizer_alone():
@@ -556,7 +580,7 @@ def test_hf_text_tokenizer_leaves_the_shared_builtin_tokenizer_alone():
     task's) must not inherit it."""
     from jaxtrain.data.tokenizers import load_tokenizer
 
-    d = pairs.default_data_config()
+    d = pair_config.default_data_config()
     d.tokenizer = "gpt2"
-    assert pairs.load_text_tokenizer(d).encode("hello world " * 50, 16).shape == (16,)
+    assert pair_rows.load_text_tokenizer(d).encode("hello world " * 50, 16).shape == (16,)
     assert len(load_tokenizer("gpt2")("hello world " * 50)["input_ids"]) == 101

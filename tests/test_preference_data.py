@@ -247,7 +247,7 @@ def test_builtin_pairs_are_deterministic_right_and_wrong(gpt2):
     assert examples == builtin_preference_examples(300, 0)
     assert examples[:50] == builtin_preference_examples(50, 0)
     assert examples != builtin_preference_examples(300, 1)
-    user_templates = {t for task in ("add", "subtract") for t in chat._TASKS[task][0]}
+    user_templates = {t for task in ("add", "subtract") for t in chat.TASK_TEMPLATES[task][0]}
     patterns = [re.compile("^" + re.escape(t).replace(r"\{a\}", r"(\d+)").replace(r"\{b\}",
                                                                                  r"(\d+)") + "$")
                 for t in user_templates]
@@ -255,7 +255,7 @@ def test_builtin_pairs_are_deterministic_right_and_wrong(gpt2):
     for ex in examples:
         *system, user = ex["prompt"]
         systems += bool(system)
-        assert not system or system[0]["content"] in chat._SYSTEM_PROMPTS
+        assert not system or system[0]["content"] in chat.SYSTEM_PROMPTS
         assert user["role"] == "user" and any(p.match(user["content"]) for p in patterns)
         [chosen], [rejected] = ex["chosen"], ex["rejected"]
         assert chosen["role"] == rejected["role"] == "assistant"

@@ -81,6 +81,13 @@ def test_tokenizer_errors_are_helpful(tmp_path):
         load_tokenizer(str(tmp_path / "missing" / "tok"))
     with pytest.raises(ValueError, match="tokenizer.json"):
         load_tokenizer(str(tmp_path))
+    # One loader for the data and the checkpoint converters: a missing tokenizer is both a
+    # ValueError (a wrong config value) and a FileNotFoundError (jaxtrain.hf.clip's contract).
+    from jaxtrain.tokenizer_files import TokenizerNotFoundError
+
+    with pytest.raises(TokenizerNotFoundError, match="no tokenizer files in") as e:
+        load_tokenizer(str(tmp_path))
+    assert isinstance(e.value, FileNotFoundError)
 
 
 def test_local_tokenizer_directory_round_trips(gpt2, tmp_path):
@@ -366,6 +373,43 @@ def test_local_parquet_and_txt_directory(tmp_path):
     saved.save_to_disk(str(tmp_path / "saved"))
     assert load_documents(str(tmp_path / "saved"), split="validation") == ["v1"]
     assert load_documents(str(tmp_path / "saved")) == ["t1", "t2"]
+
+
+def test_every_kind_reads_one_source_interface(tmp_path):
+    """jaxtrain.data.sources: split-named files keep their splits, an undivided source is split
+    by row index, built-ins list their splits, and the errors name the fix."""
+    import datasets
+
+    from jaxtrain.data import sources
+
+    folder = tmp_path / "split_named"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"text": "t"}])
+    write_jsonl(folder / "validation.jsonl", [{"text": "v"}])
+    assert load_documents(str(folder), split="validation") == ["v"]
+    with pytest.raises(ValueError, match=r"Unknown split 'all'.*\['train', 'validation'\]"):
+        load_documents(str(folder), split="all")
+    (tmp_path / "d.csv").write_text("text\nx\ny\n")
+    assert load_documents(str(tmp_path / "d.csv")) == ["x"]  # the last row is validation
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    write_jsonl(mixed / "a.jsonl", [{"text": "a"}])
+    datasets.Dataset.from_dict({"text": ["b"]}).to_parquet(str(mixed / "b.parquet"))
+    with pytest.raises(ValueError, match="mixes file formats"):
+        load_documents(str(mixed))
+    with pytest.raises(ValueError, match=r"Cannot read the data file .*'\.parquet'"):
+        sources.open_source(str(_touch(tmp_path / "bad.xyz")))
+    builtin = sources.Builtin("gen", lambda split: [{"text": split}], ("train", "validation"))
+    assert sources.read_examples("gen", "validation", builtins={"gen": builtin}) == [
+        {"text": "validation"}]
+    with pytest.raises(ValueError, match=r"Unknown split 'test'.*\['train', 'validation'\]"):
+        sources.read_examples("gen", "test", builtins={"gen": builtin})
+    np.testing.assert_array_equal(sources.local_split_indices(120, "validation"), [49, 99])
+
+
+def _touch(path):
+    path.write_text("")
+    return path
 
 
 # ------------------------------------------------------------------------------------------

