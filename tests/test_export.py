@@ -1,7 +1,10 @@
 """`jaxtrain.export`: the verified bundle (safetensors, StableHLO + a standalone runner, Hugging
-Face) of LM, LoRA and CLIP runs, its error messages, and the older --hf_out / --params_out /
---adapters_out exports of a LoRA run (through the CLI, with the bundle, once)."""
+Face) of LM, LoRA and CLIP runs, its error messages, the runner module itself
+(`jaxtrain.export.runner`, imported), and the older --hf_out / --params_out / --adapters_out
+exports of a LoRA run (through the CLI, with the bundle, once)."""
 
+import ast
+import inspect
 import json
 import os
 import shutil
@@ -16,7 +19,7 @@ import pytest
 from absl import app
 
 from jaxtrain import Trainer
-from jaxtrain.checkpoint import read_params, read_state
+from jaxtrain.checkpoint import read_state
 from jaxtrain.export import (
     ExportError,
     ExportVerificationError,
@@ -30,6 +33,7 @@ from jaxtrain.export import (
 )
 from jaxtrain.lora import LoraTask, load_adapters, merge
 from jaxtrain.tasks import get_task
+from jaxtrain.weights import read_run
 from tests.test_lm_task import ROOT, leaves, load_config
 
 # a tiny LM on random tokens (no tokenizer): vocab 512, 2 layers of width 32
@@ -46,7 +50,7 @@ def lm_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clip_run(tmp_path_factory):
-    """A tiny CLIP checkpoint (init params, written as read_params reads a run's), pooling text
+    """A tiny CLIP checkpoint (init params, written as read_run reads a run's), pooling text
     at the highest id so that Hugging Face's CLIPModel can express it."""
     c = load_config("clip", "runlocal", model__text_pooling="argmax")
     task = get_task("clip")(c)
@@ -56,9 +60,18 @@ def clip_run(tmp_path_factory):
     return run
 
 
+@pytest.fixture(scope="module")
+def lm_bundle(lm_run, tmp_path_factory):
+    """The LM run's StableHLO bundle for batch 3 (its default length 32), lowered for cpu and
+    cuda (a multi-platform module)."""
+    out = tmp_path_factory.mktemp("lm_bundle") / "bundle"
+    export_bundle(lm_run, str(out), ["stablehlo"], batch_size=3, platforms=["cpu", "cuda"])
+    return out
+
+
 def in_memory(run, inputs):
     """The run's task.inference on its checkpoint's params (the reference)."""
-    config, params = read_params(run)
+    config, params = read_run(run)
     task = get_task(config["task"])(ml_collections.ConfigDict(config))
     return jax.device_get(jax.jit(task.inference)(params, {}, inputs))
 
@@ -82,7 +95,7 @@ def test_lm_bundle_every_format(lm_run, tmp_path):
     assert manifest["checks"]["stablehlo"]["checked"] == "outputs"
 
     # (a) safetensors: the checkpoint's params, every array equal; config.json: the run's config
-    config, params = read_params(lm_run)
+    config, params = read_run(lm_run)
     assert json.loads((out / "config.json").read_text()) == config
     got, want = flatten_params(load_safetensors(str(out / "params.safetensors"))), \
         flatten_params(params)
@@ -118,14 +131,12 @@ def test_lm_bundle_every_format(lm_run, tmp_path):
         np.testing.assert_array_equal(v, want[k], err_msg=k)
 
 
-def test_standalone_runner_without_jaxtrain(lm_run, tmp_path):
+def test_standalone_runner_without_jaxtrain(lm_run, lm_bundle, tmp_path):
     """run_exported.py in a copy of the bundle, in an isolated interpreter where `import
     jaxtrain` fails: the example check passes and --inputs/--outputs equal task.inference.
     Lowered for cpu and cuda (a multi-platform module), run here on cpu."""
-    out = tmp_path / "bundle"
-    export_bundle(lm_run, str(out), ["stablehlo"], batch_size=3, platforms=["cpu", "cuda"])
     copy = tmp_path / "elsewhere"
-    shutil.copytree(out, copy)
+    shutil.copytree(lm_bundle, copy)
     assert json.loads((copy / "bundle.json").read_text())["platforms"] == ["cpu", "cuda"]
     assert "jaxtrain" not in (copy / "run_exported.py").read_text().split('"""')[2]
     tokens = np.random.default_rng(2).integers(0, 512, (3, 32)).astype(np.int32)
@@ -143,6 +154,61 @@ def test_standalone_runner_without_jaxtrain(lm_run, tmp_path):
             assert ": ok" in proc.stdout and "MISMATCH" not in proc.stdout
     got = dict(np.load(copy / "out.npz"))
     assert_outputs_close(got, in_memory(lm_run, {"tokens": tokens}))
+
+
+def test_runner_module(lm_run, lm_bundle, tmp_path, capsys):
+    """`jaxtrain.export.runner`, imported: the bundle's run_exported.py is its source and
+    imports only jax, numpy, safetensors and the standard library; load_bundle's function
+    equals task.inference and checks its inputs and the platform; check_outputs and main's exit
+    code catch outputs that differ from the exporter's."""
+    from jaxtrain.export import runner
+
+    text = (lm_bundle / "run_exported.py").read_text()
+    assert text == inspect.getsource(runner)
+    assert "jaxtrain" not in text.split('"""', 2)[2]  # anywhere after the module docstring
+    imported = {alias.name.split(".")[0] for node in ast.walk(ast.parse(text))
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(ast.parse(text))
+                 if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"__future__", "argparse", "collections", "json", "os", "sys", "typing",
+                        "jax", "numpy", "safetensors"}, imported
+
+    fn, bundle = runner.load_bundle(str(lm_bundle))
+    assert bundle["inputs"]["tokens"]["shape"] == [3, 32]
+    tokens = np.random.default_rng(6).integers(0, 512, (3, 32))  # int64: cast to int32
+    assert_outputs_close(fn({"tokens": tokens}),
+                         in_memory(lm_run, {"tokens": tokens.astype(np.int32)}))
+    with pytest.raises(ValueError, match=r"input 'tokens' has shape \[2, 32\]; the model was "
+                                         r"exported for \[3, 32\] \(pad the batch\)"):
+        fn({"tokens": tokens[:2]})
+    with pytest.raises(ValueError, match=r"inputs \['ids'\]; this model takes \['tokens'\]"):
+        fn({"ids": tokens})
+
+    # main on the example inputs: the check passes; against shifted outputs it fails (exit 1)
+    # unless the tolerance allows the shift
+    assert runner.main([f"--bundle={lm_bundle}"]) == 0
+    printed = capsys.readouterr().out
+    assert "logits: shape [3, 32, 512] float32" in printed and "MISMATCH" not in printed
+    copy = tmp_path / "shifted"
+    shutil.copytree(lm_bundle, copy)
+    want = dict(np.load(copy / "example_outputs.npz"))
+    want["logits"] = want["logits"] + 1.0
+    np.savez(copy / "example_outputs.npz", **want)
+    outputs = fn(dict(np.load(copy / "example_inputs.npz")))
+    diff, good = runner.check_outputs(outputs, want, rtol=1e-5, atol=1e-5)["logits"]
+    assert not good and diff == pytest.approx(1.0, abs=1e-4)
+    assert runner.main([f"--bundle={copy}"]) == 1
+    assert "logits: max |diff| vs the exporter's outputs 1: MISMATCH" in capsys.readouterr().out
+    assert runner.main([f"--bundle={copy}", "--atol=2"]) == 0
+    assert runner.main([f"--bundle={copy}", f"--inputs={copy / 'example_inputs.npz'}",
+                        f"--outputs={tmp_path / 'out.npz'}"]) == 0  # given inputs: no check
+    assert_outputs_close(dict(np.load(tmp_path / "out.npz")), outputs, rtol=0, atol=0)
+
+    spec = json.loads((copy / "bundle.json").read_text())
+    (copy / "bundle.json").write_text(json.dumps({**spec, "platforms": ["tpu"]}))
+    with pytest.raises(RuntimeError, match=r"exported for \['tpu'\]; jax here runs on '\w+': "
+                                           r"export again with --platforms including"):
+        runner.load_bundle(str(copy))
 
 
 def test_dpo_bundle_is_the_policy(tmp_path):
@@ -165,7 +231,7 @@ def test_clip_bundle(clip_run, tmp_path):
     out = tmp_path / "clip"
     manifest = export_bundle(clip_run, str(out), "safetensors,stablehlo", batch_size=4)
     assert manifest["checks"]["stablehlo"]["max_abs_diff"] < 1e-5
-    config, _ = read_params(clip_run)
+    config, _ = read_run(clip_run)
     m = config["model"]
     bundle = json.loads((out / "bundle.json").read_text())
     assert bundle["inputs"]["image"] == {
@@ -186,19 +252,29 @@ def test_clip_bundle(clip_run, tmp_path):
 
 
 def test_clip_hf(clip_run, tmp_path):
+    """The CLIP family writes the HF directory (transformers' embeddings compared) with the
+    run's image preprocessing; --hf_out does the same for a run saved before model.name
+    existed (its task's default family, clip)."""
     pytest.importorskip("jaxtrain.hf.clip")
     manifest = export_bundle(clip_run, str(tmp_path / "clip"), "hf")
     check = manifest["checks"]["hf"]
     assert check["max_abs_diff"] < 1e-4, check
+    assert check["checked"].startswith("outputs (transformers") and "hf_model_type" not in manifest
     from jaxtrain.hf.clip import image_preprocessing_from_hf, load_hf
 
-    prep = image_preprocessing_from_hf(str(tmp_path / "clip" / "hf"))  # the run's, written along
-    assert prep["image_crop"] == read_params(clip_run)[0]["model"]["image_size"]
-    np.testing.assert_allclose(prep["image_mean"], [0.48145466, 0.4578275, 0.40821073])
-    _, params = load_hf(str(tmp_path / "clip" / "hf"))
-    want = flatten_params(read_params(clip_run)[1])
-    for k, v in flatten_params(params).items():
-        np.testing.assert_allclose(v, want[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    config, want_params = read_run(clip_run)
+    want = flatten_params(want_params)
+    unnamed = str(tmp_path / "unnamed_run")
+    export_params(unnamed, want_params, {**config, "model": {
+        k: v for k, v in config["model"].items() if k != "name"}})
+    cli(unnamed, hf_out=str(tmp_path / "hf_out"))
+    for hf_dir in (tmp_path / "clip" / "hf", tmp_path / "hf_out"):
+        prep = image_preprocessing_from_hf(str(hf_dir))  # the run's, written along
+        assert prep["image_crop"] == config["model"]["image_size"]
+        np.testing.assert_allclose(prep["image_mean"], [0.48145466, 0.4578275, 0.40821073])
+        _, params = load_hf(str(hf_dir))
+        for k, v in flatten_params(params).items():
+            np.testing.assert_allclose(v, want[k], rtol=1e-6, atol=1e-7, err_msg=k)
 
 
 def test_errors(lm_run, tmp_path):
@@ -230,7 +306,7 @@ def test_errors(lm_run, tmp_path):
     params = nn.unbox(jax.jit(RegressionTask(toy).init_params)(jax.random.PRNGKey(0)))
     export_params(str(tmp_path / "toy"), jax.device_get(params), toy.to_dict())
     with pytest.raises(ExportError, match="format 'hf': the 'toy_regression' task has no "
-                                          "Hugging Face format.*lm, dpo, clip"):
+                                          "Hugging Face format.*tasks with one: clip, dpo, lm"):
         export_bundle(str(tmp_path / "toy"), str(tmp_path / "b"), "safetensors,hf")
     with pytest.raises(ExportError, match="format 'stablehlo': the 'toy_regression' task has "
                                           "no inference function"):
@@ -305,7 +381,7 @@ def test_export_merged_lora_run(tmp_path):
         assert hf_cfg.num_kv_heads == c.model.num_kv_heads
         for x, y in zip(leaves(hf_params), leaves(merged), strict=True):
             np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
-    config, params = read_params(str(out / "params"))
+    config, params = read_run(str(out / "params"))
     assert config["lora"]["rank"] == 0 and config["task"] == "lm"
     for x, y in zip(leaves(params), leaves(merged), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
