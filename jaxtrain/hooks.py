@@ -25,7 +25,7 @@ import dataclasses
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
@@ -35,9 +35,6 @@ from jax.experimental import multihost_utils
 from jaxtrain.checkpoint import Checkpointer
 from jaxtrain.config import ConfigError
 from jaxtrain.writers import MetricWriter, ProgressBar
-
-if TYPE_CHECKING:
-    from jaxtrain.trainer import CompiledStep, Trainer
 
 
 class NonFiniteError(FloatingPointError):
@@ -96,14 +93,14 @@ class Loop:
     """What the hooks see: the run so far. Hooks read it; they change only `stop`/`save` (by
     :meth:`request_stop` and ``save = True``) and the records they own."""
 
-    trainer: Trainer
+    trainer: Any  # the jaxtrain.trainer.Trainer running the loop
     state: Any  # the TrainState after the latest step
     train_iter: Any
     start: int  # the step this call started (or resumed) from
     stop_at: int  # the last step this call runs
     step: int = 0  # steps done
     metrics: Any = None  # the latest step's metrics, on device
-    compiled: CompiledStep | None = None  # the compiled step that ran it
+    compiled: Any = None  # the trainer's CompiledStep that ran it (cost figures)
     eval_metrics: dict[str, float] | None = None  # set by EvalHook at an evaluation step
     progress: Progress = dataclasses.field(default_factory=Progress)
     writer: MetricWriter | None = None
@@ -160,7 +157,7 @@ class Window:
     xla_flops: float = 0.0
     model_flops: float = 0.0
 
-    def add(self, step: CompiledStep) -> None:
+    def add(self, step: Any) -> None:
         self.samples += step.samples
         self.tokens += step.tokens
         self.xla_flops += step.xla_flops
@@ -389,7 +386,7 @@ class CheckpointHook(Hook):
             ) from e
 
 
-def default_hooks(trainer: Trainer, ckpt: Checkpointer, user: list[Hook]) -> list[Hook]:
+def default_hooks(trainer: Any, ckpt: Checkpointer, user: list[Hook]) -> list[Hook]:
     cfg = trainer.config
     return [MetricsHook(cfg.train.log_every), ProgressHook(cfg.train.progress_bar), EvalHook(),
             BestHook(), *user, PreemptionHook(cfg.train.log_every),

@@ -30,9 +30,12 @@ points before it. The EMA lags the raw loss by about beta / (1 - beta) points (4
 moves the smoothed curve, and the suggestion, toward larger learning rates; a smaller
 ``smoothing`` or more ``steps`` shrinks the shift.
 
+The steps run on the trainer's own loop (:meth:`jaxtrain.trainer.Trainer.loop`) with two hooks:
+:class:`LRFinderHook` (the losses, the stop rule) and the progress bar.
+
 Default workdir: the library's is the Trainer's (``runs/<task>``); the command line's is
-``jaxtrain.main``'s (``runs/<config file name>``), so the output lands beside the run that the same
-``--config`` trains.
+``jaxtrain.main``'s (:func:`jaxtrain.cli.default_workdir`: ``runs/<config file name>``), so the
+output lands beside the run that the same ``--config`` trains.
 
 Files (process 0 only; every process runs the steps): ``<workdir>/lr_find/lr_find.csv`` (columns
 ``step, lr, loss, smoothed_loss``) and ``<workdir>/lr_find/lr_find.png``. Nothing else in the
@@ -47,6 +50,7 @@ import math
 import os
 import shlex
 import sys
+import time
 from typing import Any
 
 import jax
@@ -54,13 +58,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
+from absl import app, flags, logging
 
-from jaxtrain.config import ConfigError
-from jaxtrain.mesh import shard_batch
-from jaxtrain.tasks import Task
+from jaxtrain import cli
+from jaxtrain.api import build_task
+from jaxtrain.errors import ConfigError
+from jaxtrain.hooks import Hook, Loop, ProgressHook
+from jaxtrain.task import Task
 from jaxtrain.trainer import Trainer
-from jaxtrain.writers import ProgressBar
 
 CSV_NAME = "lr_find.csv"
 PNG_NAME = "lr_find.png"
@@ -198,6 +203,45 @@ def _is_writer() -> bool:
     return jax.process_index() == 0
 
 
+class LRFinderHook(Hook):
+    """The LR finder's stop rule on the loop: keeps each step's loss on device, fetches them
+    every `check_every` steps (and at the last step; the only host sync), smooths them and
+    stops the loop at a divergence (:func:`divergence_index`).
+
+    As the loop's only metrics source it also sets `loop.summary` (smoothed loss, lr,
+    samples/s) at each check, for :class:`~jaxtrain.hooks.ProgressHook` after it."""
+
+    def __init__(self, lrs: np.ndarray, smoothing: float, diverge: float, check_every: int):
+        self.lrs, self.smoothing, self.diverge = lrs, smoothing, diverge
+        self.check_every = check_every
+        self.losses: list[float] = []  # of every step that ran, in order
+        self.stopped_at: int | None = None  # the divergence step, if any
+
+    def on_start(self, loop: Loop) -> None:
+        self.pending: list[jax.Array] = []
+        self.samples, self.t_last = 0, time.perf_counter()
+
+    def after_step(self, loop: Loop) -> None:
+        self.pending.append(loop.metrics["loss"])
+        if loop.step == loop.start + 1:  # the first step compiled: time from here
+            self.t_last = time.perf_counter()
+        else:
+            self.samples += loop.compiled.samples
+        if len(self.pending) < self.check_every and loop.step != loop.stop_at:
+            return
+        self.losses += [float(x) for x in jax.device_get(self.pending)]  # the only host sync
+        self.pending = []
+        smoothed = smooth_losses(np.asarray(self.losses), self.smoothing)
+        now = time.perf_counter()
+        loop.summary = {"train/loss": float(smoothed[-1]),
+                        "train/lr": float(self.lrs[loop.step - 1]),
+                        "perf/samples_per_second": self.samples / max(now - self.t_last, 1e-9)}
+        self.samples, self.t_last = 0, now
+        self.stopped_at = divergence_index(self.losses, smoothed, self.diverge)
+        if self.stopped_at is not None:
+            loop.request_stop("diverged")
+
+
 def lr_find(
     config: ml_collections.ConfigDict,
     workdir: str | None = None,
@@ -217,35 +261,21 @@ def lr_find(
     suggestion. `task` and `devices` are as for :class:`~jaxtrain.Trainer`."""
     _check_arguments(min_lr, max_lr, steps, smoothing, diverge, check_every)
     lrs = sweep_lrs(min_lr, max_lr, steps)
-    trainer = Trainer(config, workdir, task=task, devices=devices, schedule=sweep_schedule(lrs))
+    run_task, _ = build_task(config, task)  # no evaluators: the sweep never evaluates
+    trainer = Trainer(config, workdir, task=run_task, devices=devices,
+                      schedule=sweep_schedule(lrs))
     out_dir = os.path.join(trainer.workdir, "lr_find")
     logging.info(
         "LR finder: %d steps, lr %.3g -> %.3g (exponential), mesh %s; the config's lr schedule "
         "and warmup are ignored. Output: %s", steps, min_lr, max_lr, dict(trainer.mesh.shape),
         out_dir)
 
-    state = trainer.init_state()
-    data = trainer._train_iterator()
-    losses: list[float] = []
-    pending: list[jax.Array] = []
-    stop = None
-    bar = ProgressBar(steps, 0, config.train.progress_bar)
-    try:
-        for i in range(steps):
-            state, metrics = trainer.train_step(state, shard_batch(next(data), trainer.mesh))
-            pending.append(metrics["loss"])
-            bar.update(1)
-            if len(pending) == check_every or i == steps - 1:
-                losses += [float(x) for x in jax.device_get(pending)]  # the only host sync
-                pending = []
-                smoothed = smooth_losses(np.asarray(losses), smoothing)
-                bar.update(0, loss=smoothed[-1], lr=lrs[i])
-                stop = divergence_index(losses, smoothed, diverge)
-                if stop is not None:
-                    break
-    finally:
-        bar.close()
-    del state
+    finder = LRFinderHook(lrs, smoothing, diverge, check_every)
+    loop = Loop(trainer=trainer, state=trainer.init_state(), train_iter=trainer.train_iterator(),
+                start=0, stop_at=steps)
+    trainer.loop(loop, [finder, ProgressHook(config.train.progress_bar, total=steps)])
+    losses, stop = finder.losses, finder.stopped_at
+    del loop
 
     steps_run = len(losses)
     n = steps_run if stop is None else stop + 1
@@ -335,45 +365,48 @@ def _write_png(path: str, lrs, losses, smoothed, index, stop, smoothing) -> str:
 # ------------------------------------------------------------------ command line
 
 
-def _main(argv: list[str], cli: Any) -> int:
-    from absl import app, flags
+def _define_flags() -> dict[str, Any]:
+    """The finder's own flags (besides :func:`jaxtrain.cli.define_run_flags`'); by :func:`run`
+    only, so importing this module defines none."""
+    return {
+        "min_lr": flags.DEFINE_float("min_lr", 1e-7, "First learning rate of the sweep."),
+        "max_lr": flags.DEFINE_float("max_lr", 10.0, "Last learning rate of the sweep."),
+        "steps": flags.DEFINE_integer("steps", 200, "Steps of the sweep (>= 10)."),
+        "smoothing": flags.DEFINE_float("smoothing", 0.98,
+                                        "EMA coefficient of the smoothed loss, in [0, 1)."),
+        "diverge": flags.DEFINE_float("diverge", 4.0,
+                                      "Stop when the smoothed loss exceeds this x its best."),
+    }
 
+
+def _main(argv: list[str], run_flags: cli.RunFlags, own: dict[str, Any]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    cli.init_distributed()
-    f = flags.FLAGS
-    workdir = cli._WORKDIR.value or cli._default_workdir()
+    cli.init_distributed(run_flags)
+    given_workdir = run_flags.workdir.value
+    workdir = given_workdir or cli.default_workdir(run_flags.config_file())
     try:
-        result = lr_find(cli._CONFIG.value, workdir, min_lr=f.min_lr, max_lr=f.max_lr,
-                         steps=f.steps, smoothing=f.smoothing, diverge=f.diverge)
+        result = lr_find(run_flags.config.value, workdir,
+                         **{name: holder.value for name, holder in own.items()})
     except ConfigError as e:  # the message says what to fix
         logging.error("%s: %s", type(e).__name__, e)
         return cli.EXIT_BAD_INPUT
     if result.suggestion is not None:
-        config_flag = f["config"]
-        overrides = [f"--config.{k}={v}" for k, v in config_flag.override_values.items()
+        overrides = [f"--config.{k}={v}" for k, v in run_flags.config_overrides().items()
                      if k != "optim.lr"]
-        command = ["python", "-m", "jaxtrain.main", f"--config={config_flag.config_filename}",
-                   *overrides, *([f"--workdir={cli._WORKDIR.value}"] if cli._WORKDIR.value
-                                 else []), f"--config.optim.lr={result.suggestion:.3g}"]
+        command = ["python", "-m", "jaxtrain.main", f"--config={run_flags.config_file()}",
+                   *overrides, *([f"--workdir={given_workdir}"] if given_workdir else []),
+                   f"--config.optim.lr={result.suggestion:.3g}"]
         logging.info("To train with it: %s", shlex.join(command))
-    return 0
+    return cli.EXIT_OK
 
 
 def run() -> None:
-    from absl import app, flags
-
-    from jaxtrain import main as cli  # defines --config, --workdir and the multi-process flags
-
-    flags.DEFINE_float("min_lr", 1e-7, "First learning rate of the sweep.")
-    flags.DEFINE_float("max_lr", 10.0, "Last learning rate of the sweep.")
-    flags.DEFINE_integer("steps", 200, "Steps of the sweep (>= 10).")
-    flags.DEFINE_float("smoothing", 0.98, "EMA coefficient of the smoothed loss, in [0, 1).")
-    flags.DEFINE_float("diverge", 4.0, "Stop when the smoothed loss exceeds this x its best.")
-    flags.mark_flags_as_required(["config"])
-    logging.set_verbosity(logging.INFO)
-    logging.get_absl_logger().addFilter(cli._QuietLibraries())
-    app.run(lambda argv: _main(argv, cli))
+    """`python -m jaxtrain.lr_find`: the run flags of :mod:`jaxtrain.cli` and the sweep's."""
+    run_flags, own = cli.define_run_flags(), _define_flags()
+    flags.mark_flags_as_required([run_flags.config.name])
+    cli.setup_logging()
+    app.run(lambda argv: _main(argv, run_flags, own))
 
 
 if __name__ == "__main__":

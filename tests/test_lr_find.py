@@ -12,6 +12,7 @@ import pytest
 
 from jaxtrain import Trainer, checkpoint, trainer
 from jaxtrain import lr_find as lf
+from jaxtrain.hooks import ProgressHook
 from jaxtrain.mesh import shard_batch
 from tests import toy_task
 
@@ -87,7 +88,7 @@ def test_sgd_really_uses_the_exponential_lrs(tmp_path):
 
     # the same schedule in a Trainer: every update is exactly -lr_i * grad (plain SGD)
     t = Trainer(cfg, tmp_path, devices=one, schedule=lf.sweep_schedule(result.lrs))
-    state, data = t.init_state(), t._train_iterator()
+    state, data = t.init_state(), t.train_iterator()
     grad = jax.jit(jax.grad(lambda p, b: t.task.loss_fn(p, b, None, {})[0]))
     for i in range(4):
         host = next(data)
@@ -101,11 +102,22 @@ def test_sgd_really_uses_the_exponential_lrs(tmp_path):
             np.testing.assert_allclose(a - b, -np.float32(want[i]) * d, rtol=1e-3, atol=1e-7)
 
 
-def test_divergence_stops_the_sweep(tmp_path):
+def test_divergence_stops_the_sweep(tmp_path, monkeypatch):
+    loops = []  # the finder runs on the trainer's loop; its hook stops it
+    original = trainer.Trainer.loop
+
+    def loop(self, run, hooks):
+        loops.append((original(self, run, hooks), [type(h) for h in hooks]))
+        return loops[-1][0]
+
+    monkeypatch.setattr(trainer.Trainer, "loop", loop)
     result = lf.lr_find(toy_task.config(), tmp_path, min_lr=1e-3, max_lr=1e6, steps=100)
     d = result.stopped_at
     assert result.diverged and d is not None and d < 99
     assert d < result.steps_run <= d + 10  # checked every 10 steps
+    [(ran, hooks)] = loops
+    assert hooks == [lf.LRFinderHook, ProgressHook]
+    assert ran.stop_reason == "diverged" and ran.step == result.steps_run < ran.stop_at == 100
     assert len(result.losses) == len(result.lrs) == d + 1
     s = result.smoothed
     assert not np.isfinite(result.losses[d]) or s[d] > 4.0 * s[:d].min()

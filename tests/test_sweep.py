@@ -36,7 +36,7 @@ def toy(**overrides):
     return c
 
 
-def grid(parameters, metric="eval/loss", mode="min"):
+def grid(parameters, metric="eval/val/loss", mode="min"):
     return {"method": "grid", "metric": metric, "mode": mode, "parameters": parameters}
 
 
@@ -97,7 +97,7 @@ def test_random_params_depend_only_on_seed_and_index():
     params = {"optim.lr": {"min": 1e-4, "max": 1e-1, "log": True},
               "optim.warmup_steps": {"min": 0, "max": 5, "int": True},
               "optim.name": {"values": ["adamw", "sgd", "lion"]}}
-    raw = {"method": "random", "metric": "eval/loss", "mode": "min", "num_trials": 400,
+    raw = {"method": "random", "metric": "eval/val/loss", "mode": "min", "num_trials": 400,
            "seed": 3, "parameters": params}
     sweep = load_sweep(raw, toy())
     alone = trial_plan(sweep)
@@ -143,7 +143,7 @@ def test_example_sweep_files_fit_the_clip_config():
     finally:
         sys.path.pop(0)
     lr = load_sweep(ROOT / "sweeps/clip_lr.py", config)
-    assert (lr.method, lr.size, lr.metric) == ("grid", 6, "eval/mean_recall@1")
+    assert (lr.method, lr.size, lr.metric) == ("grid", 6, "eval/retrieval/mean_recall@1")
     assert lr.params(1) == {"optim.lr": 1e-3, "optim.weight_decay": 0.05}
     rand = load_sweep(ROOT / "sweeps/clip_random.py", config)
     assert rand.method == "random" and rand.size == 8
@@ -166,9 +166,12 @@ def test_example_sweep_files_fit_the_clip_config():
      "grid trial 1 (optim.warmup_steps=100) gives an invalid config: Config key "
      "'optim.warmup_steps' (100) must be smaller than train.steps (8)."),
     ({"metric": "loss"}, "'metric' must name an eval metric"),
+    ({"metric": "eval/loss"}, "'eval/<evaluator>/<metric>' such as 'eval/val/loss'"),
+    ({"metric": "eval/vall/loss"}, "names the evaluator 'vall', which the config does not have. "
+                                   "Did you mean 'val'? Its evaluators: ['val']"),
     ({"mode": "maximize"}, "'mode' must be 'max' or 'min'"),
     ({"num_trials": 4}, "'num_trials' is for random and bayes sweeps"),
-    ({"metrics": "eval/loss"}, "unknown sweep key 'metrics'. Did you mean 'metric'?"),
+    ({"metrics": "eval/val/loss"}, "unknown sweep key 'metrics'. Did you mean 'metric'?"),
     ({"method": "random"}, "a random sweep needs 'num_trials'"),
     ({"method": "random", "num_trials": 2,
       "parameters": {"train.steps": {"min": 4, "max": 8}}}, "add \"int\": True"),
@@ -190,7 +193,7 @@ def test_sweep_file_errors_name_the_file_and_the_fix(tmp_path, raw, message):
 
 def test_bayes_without_optuna_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)  # `import optuna` raises ImportError
-    raw = {"method": "bayes", "metric": "eval/loss", "mode": "min", "num_trials": 2,
+    raw = {"method": "bayes", "metric": "eval/val/loss", "mode": "min", "num_trials": 2,
            "parameters": {"optim.lr": {"min": 1e-3, "max": 1e-1, "log": True}}}
     with pytest.raises(SweepError, match=r"pip install optuna \(or pip install -e "):
         load_sweep(raw, toy())
@@ -220,6 +223,12 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, r
         run_sweep(toy(), space, tmp_path)
     assert runs == [("trial_0000", 1)]
     assert [trial_json(tmp_path, i)["status"] for i in (0, 1)] == ["complete", "running"]
+    # the trial's hook recorded its progress at the step-4 evaluation, before the interruption
+    step4 = [json.loads(x) for x in (tmp_path / "trial_0001/metrics.jsonl").open()
+             if "eval/val/loss" in x]
+    assert [r["step"] for r in step4] == [4]
+    assert trial_json(tmp_path, 1)["progress"] == {
+        "step": 4, "value": step4[0]["eval/val/loss"], "best_step": 4}
     runs.clear()
 
     result = run_sweep(toy(), space, tmp_path)
@@ -233,8 +242,10 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, r
         assert json.loads((tmp_path / f"trial_{i:04d}/config.json").read_text())["optim"][
             "lr"] == lr
         evals = [json.loads(x) for x in (tmp_path / f"trial_{i:04d}/metrics.jsonl").open()
-                 if "eval/loss" in x]
-        assert record["value"] == min(r["eval/loss"] for r in evals)  # best over evaluations
+                 if "eval/val/loss" in x]
+        assert record["value"] == min(r["eval/val/loss"] for r in evals)  # best over evaluations
+        assert record["progress"] == {"step": 8, "value": record["value"],
+                                      "best_step": record["best_step"]}
     assert [t.index for t in result.trials] == sorted(
         (0, 1), key=lambda i: trial_json(tmp_path, i)["value"])  # mode min: lowest first
 
@@ -243,7 +254,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, r
 
 
 def test_workers_split_trials_and_the_merged_table_ranks_all(tmp_path, runs):
-    base = toy(train__steps=12, eval__early_stop_metric="eval/loss", eval__early_stop_mode="min",
+    base = toy(train__steps=12, eval__early_stop_metric="eval/val/loss",
+               eval__early_stop_mode="min",
                eval__min_delta=100.0, checkpoint__every=0)
     # patience 1 with an impossible min_delta stops at the 2nd evaluation (step 8); a batch of
     # 36 does not split over the 8 devices, so those trials fail (at once, before compiling)
@@ -270,9 +282,9 @@ def test_workers_split_trials_and_the_merged_table_ranks_all(tmp_path, runs):
         rows = list(csv.DictReader(f))
     assert [int(r["trial"]) for r in rows] == ranked
     assert [r["status"] for r in rows][2:] == ["failed", "failed"]
-    assert set(rows[0]) >= {"trial", "status", "eval/loss", "best_step", "eval.patience",
+    assert set(rows[0]) >= {"trial", "status", "eval/val/loss", "best_step", "eval.patience",
                             "train.batch_size", "error"}
-    assert math.isclose(float(rows[0]["eval/loss"]), both.best.value)
+    assert math.isclose(float(rows[0]["eval/val/loss"]), both.best.value)
     table = load_results(tmp_path).table()
     assert "early_stopped" in table and "trial 1 failed: ConfigError" in table
     assert run_sweep(base, space, tmp_path, worker=1, num_workers=2).ran == []
@@ -289,7 +301,7 @@ def test_the_same_error_three_times_in_a_row_stops_the_sweep(tmp_path):
 
 def test_bayes_trials_are_told_recorded_and_resumed(tmp_path, runs):
     optuna = pytest.importorskip("optuna")
-    space = {"method": "bayes", "metric": "eval/loss", "mode": "min", "num_trials": 2,
+    space = {"method": "bayes", "metric": "eval/val/loss", "mode": "min", "num_trials": 2,
              "startup_trials": 1, "seed": 1,
              "parameters": {"optim.lr": {"min": 1e-3, "max": 1e-1, "log": True},
                             "model.hidden": {"values": [8, 16]}}}
@@ -317,6 +329,11 @@ def test_bayes_trials_are_told_recorded_and_resumed(tmp_path, runs):
         record = trial_json(tmp_path, t.number)
         assert record["status"] == "complete"
         assert t.value == record["value"] and t.params == record["params"]
+        # every evaluation was reported to the study by the trial's hook (trial 1's step 4
+        # before the interruption, its step 8 after the resume)
+        evals = {r["step"]: r["eval/val/loss"] for r in map(json.loads, (
+            tmp_path / f"trial_{t.number:04d}/metrics.jsonl").open()) if "eval/val/loss" in r}
+        assert t.intermediate_values == evals and sorted(evals) == [4, 8]
         assert 1e-3 <= t.params["optim.lr"] <= 1e-1 and t.params["model.hidden"] in (8, 16)
     assert result.best.value == min(t.value for t in trials)
 
@@ -326,11 +343,11 @@ def test_bayes_trials_are_told_recorded_and_resumed(tmp_path, runs):
 
 
 def test_a_metric_the_task_does_not_record_is_an_error_then_fixable(tmp_path, runs):
-    space = grid({"optim.lr": {"values": [1e-2]}}, metric="eval/los")
-    with pytest.raises(SweepError, match=r"'eval/los' is not recorded.*\['eval/loss'\]"):
+    space = grid({"optim.lr": {"values": [1e-2]}}, metric="eval/val/los")
+    with pytest.raises(SweepError, match=r"'eval/val/los' is not recorded.*\['eval/val/loss'\]"):
         run_sweep(toy(), space, tmp_path)
     assert trial_json(tmp_path, 0)["status"] == "running"
-    result = run_sweep(toy(), {**space, "metric": "eval/loss"}, tmp_path)
+    result = run_sweep(toy(), {**space, "metric": "eval/val/loss"}, tmp_path)
     assert runs[-1] == ("trial_0000", None)  # resumed a finished run: no training again
     assert result.trials[0].status == "complete" and result.trials[0].value > 0
 
@@ -362,7 +379,8 @@ def test_command_line_end_to_end(tmp_path):
     proc = cli(f"--workdir={workdir}", "--results")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert lines[0].split() == ["rank", "trial", "status", "eval/loss", "best_step", "optim.lr"]
+    assert lines[0].split() == ["rank", "trial", "status", "eval/val/loss", "best_step",
+                                "optim.lr"]
     assert lines[1].split()[:3] == ["1", "0", "complete"] and len(lines) == 2
 
     proc = cli(f"--config={tmp_path}/toy_config.py", f"--sweep={tmp_path}/bad_sweep.py",

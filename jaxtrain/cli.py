@@ -1,0 +1,124 @@
+"""What the command lines share: the run flags, the exit codes, logging, the multi-process start.
+
+    run_flags = define_run_flags()      # --config, --workdir and the multi-process flags
+    setup_logging()                     # INFO from jaxtrain, WARNING up from libraries
+    ...                                 # in absl's main: init_distributed(run_flags), ...
+    return EXIT_BAD_INPUT               # on a ConfigError
+
+`python -m jaxtrain.main` (train), `python -m jaxtrain.lr_find` and `python -m jaxtrain.sweep` use
+it, so the three take the same `--config`, `--config.KEY=VALUE`, `--workdir` and multi-process
+flags and end with the same exit codes. Importing this module defines no flag and imports no JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging as pylogging
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+# The flags defined here belong to the module that asks for them (its `--help` lists them).
+flags.disclaim_key_flags()
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2  # a config or checkpoint problem; the log line says what to change
+EXIT_RUN_FAILED = 3  # NaN storm / NaN in 'error' mode / a checkpoint could not be written
+EXIT_PREEMPTED = 42  # a checkpoint was saved after SIGTERM; re-run the same command to resume
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFlags:
+    """The flags every jaxtrain command line takes (absl flag holders: read `.value` after
+    parsing)."""
+
+    config: flags.FlagHolder
+    workdir: flags.FlagHolder
+    coordinator_address: flags.FlagHolder
+    num_processes: flags.FlagHolder
+    process_id: flags.FlagHolder
+    distributed: flags.FlagHolder
+
+    def config_file(self) -> str | None:
+        """The --config file's path as given (without its `:variant`), or None."""
+        return config_flags.get_config_filename(flags.FLAGS[self.config.name])
+
+    def config_overrides(self) -> dict:
+        """The --config.KEY=VALUE overrides given on the command line, as {KEY: VALUE}."""
+        return dict(config_flags.get_override_values(flags.FLAGS[self.config.name]))
+
+
+@functools.cache
+def define_run_flags() -> RunFlags:
+    """Define --config, --workdir and the multi-process flags (once per process; later calls
+    return the same holders)."""
+    return RunFlags(
+        config=config_flags.DEFINE_config_file(
+            "config", None, "Config file, e.g. configs/clip.py or configs/clip.py:runlocal.",
+            lock_config=True),
+        workdir=flags.DEFINE_string(
+            "workdir", None, "Run directory (checkpoints, metrics, tensorboard). "
+            "Default: runs/<config file name>."),
+        coordinator_address=flags.DEFINE_string(
+            "coordinator_address", None, "host:port of process 0, for multi-process runs "
+            "outside TPU pods / SLURM (where JAX finds it itself)."),
+        num_processes=flags.DEFINE_integer(
+            "num_processes", None, "Processes in a multi-process run."),
+        process_id=flags.DEFINE_integer("process_id", None, "This process's index in [0, N)."),
+        distributed=flags.DEFINE_enum(
+            "distributed", "auto", ["auto", "on", "off"],
+            "Call jax.distributed.initialize: 'auto' = when the flags above are given or a "
+            "cluster (SLURM with several tasks, a TPU pod) is detected."),
+    )
+
+
+def default_workdir(config_file: str) -> str:
+    """`runs/<config file name>`: where a command line's run goes without --workdir."""
+    return os.path.join("runs", os.path.splitext(os.path.basename(config_file))[0])
+
+
+def in_cluster() -> bool:
+    """A SLURM job with several tasks, or a TPU pod with several hosts."""
+    env = os.environ
+    slurm = int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in env
+    tpu_pod = len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
+    return slurm or tpu_pod
+
+
+def init_distributed(run_flags: RunFlags) -> None:
+    """`jax.distributed.initialize` for multi-process runs, per the flags; must precede any
+    other JAX call."""
+    import jax  # here: --help stays fast
+
+    coordinator, processes = run_flags.coordinator_address.value, run_flags.num_processes.value
+    process_id, mode = run_flags.process_id.value, run_flags.distributed.value
+    explicit = coordinator is not None or processes is not None
+    if mode == "off" or (mode == "auto" and not explicit and not in_cluster()):
+        return
+    if explicit and None in (coordinator, processes, process_id):
+        raise app.UsageError(
+            "A multi-process run needs all of --coordinator_address, --num_processes and "
+            "--process_id (or none of them on TPU pods / SLURM, where JAX detects them)."
+        )
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=processes,
+                               process_id=process_id)
+    if jax.process_index() != 0:
+        logging.set_verbosity(logging.WARNING)  # one process logs
+    logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count())
+
+
+class QuietLibraries(pylogging.Filter):
+    """Keep INFO lines from jaxtrain; libraries (Orbax logs every save) only from WARNING up."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or "/jaxtrain/" in record.pathname
+
+
+def setup_logging() -> None:
+    """absl logging at INFO, with :class:`QuietLibraries` on its logger."""
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_logger().addFilter(QuietLibraries())
