@@ -200,20 +200,3 @@ def read_state(path: str) -> tuple[dict, dict]:
             config = json.load(f).get("config", {})
     return config, state
 
-
-def read_params(path: str) -> tuple[dict, Any]:
-    """(config dict, params as host numpy arrays) of a jaxtrain run's newest checkpoint (see
-    :func:`read_state`), to load a frozen teacher or initial weights. A LoRA run's adapters
-    are merged into its base weights."""
-    config, state = read_state(path)
-    params = state["params"]
-    lora = config.get("lora", {})
-    if lora.get("rank"):
-        import ml_collections
-
-        from jaxtrain.lora import merge
-
-        params = jax.device_get(merge(params, state["frozen"]["lora_base"],
-                                      ml_collections.ConfigDict(lora)))
-        params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)  # a bf16 base
-    return config, params

@@ -21,13 +21,13 @@ def test_tiny_clip_run_learns_and_resumes(tmp_path):
     proc = run_cli(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in records if "eval/mean_recall@1" in r]
+    evals = [r for r in records if "eval/retrieval/mean_recall@1" in r]
     assert [r["step"] for r in evals] == [30, 60]
     final = evals[-1]
     # 240 held-out captions: chance recall@1 is 1/240; the tiny run must be far above it
-    assert final["eval/chance_recall@1"] == 1 / 240
-    assert final["eval/mean_recall@1"] > 5 / 240, final
-    assert final["eval/i2t/recall@5"] > final["eval/i2t/recall@1"]
+    assert final["eval/retrieval/chance_recall@1"] == 1 / 240
+    assert final["eval/retrieval/mean_recall@1"] > 5 / 240, final
+    assert final["eval/retrieval/i2t/recall@5"] > final["eval/retrieval/i2t/recall@1"]
     train = [r for r in records if "train/loss" in r]
     assert train[-1]["train/loss"] < train[0]["train/loss"]
     assert train[-1]["perf/samples_per_second"] > 0

@@ -33,12 +33,13 @@ def test_sft_then_dpo_raises_held_out_reward_accuracy(sft_dir, tmp_path):
     trainer = Trainer(c, str(tmp_path))
     before = trainer.evaluate(trainer.init_state())
     # the start policy is the reference: every implicit reward is 0
-    assert before["eval/rewards/accuracies"] == 0.0 and before["eval/rewards/margins"] == 0.0
+    assert before["eval/val/rewards/accuracies"] == 0.0
+    assert before["eval/val/rewards/margins"] == 0.0
     result = trainer.train()
-    after = [r for r in result.metrics if "eval/rewards/accuracies" in r][-1]
-    assert after["eval/rewards/accuracies"] > 0.5, after  # chance: 0.5
-    assert after["eval/rewards/margins"] > 0
-    assert after["eval/kl"] > 0
+    after = [r for r in result.metrics if "eval/val/rewards/accuracies" in r][-1]
+    assert after["eval/val/rewards/accuracies"] > 0.5, after  # chance: 0.5
+    assert after["eval/val/rewards/margins"] > 0
+    assert after["eval/val/kl"] > 0
     # the frozen reference is the SFT policy, untouched by training
     start = Trainer(c, str(tmp_path / "fresh")).init_state()
     for x, y in zip(leaves(result.final_state.frozen["reference"]), leaves(start.params),

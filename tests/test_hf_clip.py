@@ -331,3 +331,41 @@ def test_load_hf_file_errors(tmp_path):
     (d / "config.json").write_text(json.dumps({**_hf_config(), "model_type": "siglip"}))
     with pytest.raises(ValueError, match=r"noweights/config.json.*'siglip'.*not supported"):
         load_hf(d)
+
+
+# ------------------------------------------------------------------ the model registry
+
+
+def test_clip_family_converts_through_this_module(tmp_path):
+    """The registry's 'clip' family reads model_type 'clip' with this module; a directory's
+    data settings are its tokenizer and its image preprocessing; its inference function gives
+    transformers' embeddings (normalised)."""
+    from jaxtrain.hf import clip as hf_clip
+    from jaxtrain.models import get_model
+    from jaxtrain.models.registry import family_for_hf_dir
+
+    family = get_model("clip")
+    assert family.hf_model_types == (hf_clip.MODEL_TYPE,) and family.hf() is hf_clip
+    model = _hf_model("gelu", EOS)
+    cfg = config_from_hf(_hf_config("gelu", EOS))
+    params = params_from_hf(_state(model), cfg)
+    prep = {"image_resize": 36, "image_crop": 32, "image_mean": [0.5, 0.25, 0.125],
+            "image_std": [0.2, 0.3, 0.4], "image_interpolation": "bilinear"}
+    out = tmp_path / "out"
+    family.save_hf(str(out), params, cfg, image_preprocessing=prep, tokenizer=_tokenizer())
+    assert family_for_hf_dir(str(out)) is family
+    cfg2, params2 = family.load_hf(str(out))
+    assert cfg2 == load_hf(out)[0]
+    for a, b in zip(jax.tree.leaves(params2), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    assert family.hf_data_settings(str(out)) == {"tokenizer": str(out), **prep}
+    save_hf(tmp_path / "bare", params, cfg)
+    assert family.hf_data_settings(str(tmp_path / "bare")) == {}
+
+    images, tokens, mask = _inputs(legacy=False)
+    got = family.inference(cfg, params, {"image": jnp.asarray(images[:3]),
+                                         "text": jnp.asarray(tokens[:3], jnp.int32)})
+    img, txt = _torch_features(model, images[:3], tokens[:3], mask[:3])
+    normalise = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(got["image_embeds"]), normalise(img), **TOL)
+    np.testing.assert_allclose(np.asarray(got["text_embeds"]), normalise(txt), **TOL)

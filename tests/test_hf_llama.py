@@ -326,3 +326,29 @@ def test_sharded_save_and_load(tmp_path):
     os.remove(tmp_path / shards[0])
     with pytest.raises(FileNotFoundError, match=shards[0]):
         load_hf(tmp_path)
+
+
+# ------------------------------------------------------------------ the model registry
+
+
+def test_llama_family_reads_what_this_module_converts(tmp_path):
+    """The registry's 'llama' family claims exactly the model types this converter supports,
+    converts through it, and a transformers directory it saved is found to be its own."""
+    from jaxtrain.hf import llama as hf_llama
+    from jaxtrain.models import get_model
+    from jaxtrain.models.registry import family_for_hf_dir
+
+    family = get_model("llama")
+    assert set(family.hf_model_types) == set(hf_llama.SUPPORTED_MODEL_TYPES)
+    assert family.hf() is hf_llama
+    model = _hf_model("qwen2")
+    model.save_pretrained(tmp_path / "qwen2")
+    assert family_for_hf_dir(str(tmp_path / "qwen2")) is family
+    cfg, params = family.load_hf(str(tmp_path / "qwen2"))
+    assert cfg == load_hf(tmp_path / "qwen2")[0] and cfg.attention_bias
+    assert family.hf_data_settings(str(tmp_path / "qwen2")) == {}  # no tokenizer saved
+    family.save_hf(str(tmp_path / "out"), params, cfg, model_type="qwen2")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "qwen2"
+    tokens = np.random.default_rng(0).integers(0, TINY["vocab_size"], (2, 7))
+    out = family.inference(cfg, params, {"tokens": jnp.asarray(tokens, jnp.int32)})
+    np.testing.assert_allclose(np.asarray(out["logits"]), _torch_logits(model, tokens), **TOL)

@@ -94,8 +94,8 @@ def test_curriculum_keeps_tokens_per_batch_and_compiles_per_length(tmp_path):
     c = load_config("lm", data__curriculum="8:2,16:4", train__steps=6, eval__every=0,
                     train__log_every=1)
     trainer = Trainer(c, str(tmp_path))
-    it = trainer._train_iterator()
-    plain = Trainer(load_config("lm"), str(tmp_path / "p"))._train_iterator()
+    it = trainer.train_iterator()
+    plain = Trainer(load_config("lm"), str(tmp_path / "p")).train_iterator()
     for step in range(6):
         batch, whole = next(it), next(plain)
         rows = {0: 32, 1: 32, 2: 16, 3: 16}.get(step, 8)
@@ -178,9 +178,9 @@ def test_cli_runs_and_validation_loss_falls(config, tmp_path):
     proc = run_cli(config, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in records if "eval/loss" in r]
-    assert len(evals) == 2 and evals[-1]["eval/loss"] < evals[0]["eval/loss"]
-    assert evals[-1]["eval/perplexity"] == pytest.approx(np.exp(evals[-1]["eval/loss"]))
+    evals = [r for r in records if "eval/val/loss" in r]
+    assert len(evals) == 2 and evals[-1]["eval/val/loss"] < evals[0]["eval/val/loss"]
+    assert evals[-1]["eval/val/perplexity"] == pytest.approx(np.exp(evals[-1]["eval/val/loss"]))
     train = [r for r in records if "train/loss" in r]
     assert train[-1]["perf/tokens_per_second"] > 0 and train[-1]["train/tokens_seen"] > 0
     assert train[-1]["perf/tflops_per_device"] > 0

@@ -1,6 +1,6 @@
 """LoRA (jaxtrain/lora.py) on the tiny SFT and CLIP configs: identity at init, merge equals the
 adapter model, optimizer state for the adapters alone, a frozen base, trainable extras and
-parameter groups, bfloat16 base, dropout, adapter files, read_params of a LoRA run, 8 devices."""
+parameter groups, bfloat16 base, dropout, adapter files, read_run of a LoRA run, 8 devices."""
 
 import json
 import os
@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from jaxtrain import Trainer
-from jaxtrain.checkpoint import read_params
 from jaxtrain.lora import load_adapters, merge, save_adapters, split_axes
 from jaxtrain.mesh import shard_batch
-from jaxtrain.tasks.base import params_key
+from jaxtrain.task import params_key
 from jaxtrain.tree import path_str
+from jaxtrain.weights import read_run
 from tests.test_lm_task import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,9 +154,16 @@ def test_merge_equals_numpy_reference_and_the_adapter_model(run):
     np.testing.assert_allclose(float(lora_loss), float(plain_loss), rtol=1e-5)
     base_loss, _ = run.plain_loss(base, run.batch, rng, {})
     assert abs(float(base_loss) - float(plain_loss)) > 1e-3  # the adapters changed the model
-    lora_eval = jax.jit(task.eval_step)(params, run.batch, final.frozen)
-    plain_eval = jax.jit(inner.eval_step)(ref_tree, run.batch, {})
+    lora_eval = jax.jit(_evaluated(task))(params, run.batch, final.frozen)
+    plain_eval = jax.jit(inner.token_nll)(ref_tree, run.batch)
     np.testing.assert_allclose(lora_eval["nll"], plain_eval["nll"], rtol=1e-5, atol=1e-4)
+
+
+def _evaluated(task):
+    """The perplexity evaluator's per-row outputs on what evaluators see of `task`'s params
+    (the engine's eval step: `eval_params`, then the evaluator's step)."""
+    return lambda params, batch, frozen: task.inner.token_nll(
+        task.eval_params(params, frozen)[0], batch)
 
 
 def _leaves_boxed(tree):
@@ -285,10 +292,10 @@ def test_dropout_is_random_in_training_and_off_in_eval(run):
     l2, _ = loss(params, run.batch, r2, frozen)
     assert float(l1) == float(l1_again)
     assert abs(float(l1) - float(l2)) > 1e-4
-    ev = jax.jit(task.eval_step)
+    ev = jax.jit(_evaluated(task))
     e1, e2 = ev(params, run.batch, frozen), ev(params, run.batch, frozen)
     np.testing.assert_array_equal(e1["nll"], e2["nll"])
-    no_dropout = jax.jit(run.trainer.task.eval_step)(params, run.batch, frozen)
+    no_dropout = jax.jit(_evaluated(run.trainer.task))(params, run.batch, frozen)
     np.testing.assert_allclose(e1["nll"], no_dropout["nll"], rtol=1e-6)
 
 
@@ -344,9 +351,9 @@ def test_adapters_round_trip(run, tmp_path):
         load_adapters(str(tmp_path / "nowhere"))
 
 
-def test_read_params_of_a_lora_run_is_merged(run):
+def test_read_run_of_a_lora_run_is_merged(run):
     assert run.result.final_step == 3
-    config, params = read_params(run.workdir)
+    config, params = read_run(run.workdir)
     assert config["lora"]["rank"] == 4
     got = flat(params)
     assert set(got) == plain_params_paths(run.trainer)  # the full model's tree, no lora/train

@@ -1,6 +1,6 @@
 """MoE routing: router losses (jaxtrain.losses.router), GShard dispatch
-(jaxtrain.models.moe.dispatch_and_combine) and the MoE module, against NumPy / plain-loop
-references."""
+(jaxtrain.models.moe.dispatch_and_combine) and the MoE module with the router losses of its
+statistics, against NumPy / plain-loop references."""
 
 import math
 
@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from jaxtrain.losses import router
-from jaxtrain.models.llama import LlamaConfig
 from jaxtrain.models.moe import MoE
 from jaxtrain.models.moe import dispatch_and_combine as _dispatch_and_combine
 
@@ -243,11 +242,10 @@ def test_dispatch_first_choice_beats_earlier_second_choice():
 # ---------------------------------------------------------------------------- MoE module
 
 
-def _moe_cfg(**kw):
-    base = dict(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=2,
-                intermediate_size=24, num_experts=4, num_experts_per_tok=2,
-                moe_intermediate_size=12, initializer_range=0.5)
-    return LlamaConfig(**{**base, **kw})
+def _moe(**kw) -> MoE:
+    base = dict(num_experts=4, num_experts_per_tok=2, intermediate_size=12,
+                capacity_factor=1.25, initializer_range=0.5)
+    return MoE(**{**base, **kw})
 
 
 def _np_moe(params, x, k, cap):
@@ -275,14 +273,14 @@ def _np_moe(params, x, k, cap):
 
 @pytest.mark.parametrize("capacity_factor", [8.0, 0.5])
 def test_moe_module_matches_token_loop(capacity_factor):
-    cfg = _moe_cfg(capacity_factor=capacity_factor)
-    b, t = 2, 8
-    x = jax.random.normal(jax.random.key(0), (b, t, cfg.hidden_size))
-    model = MoE(cfg)
+    model = _moe(capacity_factor=capacity_factor)
+    b, t, d = 2, 8, 16
+    x = jax.random.normal(jax.random.key(0), (b, t, d))
     params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), x)["params"])
     assert params["gate_proj"].shape == (4, 16, 12)
     y, stats = jax.jit(model.apply)({"params": params}, x)
-    k, c = cfg.num_experts_per_tok, cfg.num_experts
+    assert set(stats) == {"router_logits", "expert_index", "dropped_fraction"}
+    k, c = model.num_experts_per_tok, model.num_experts
     cap = max(1, math.ceil(k * t * capacity_factor / c))
     y_ref, kept, top = _np_moe(params, x, k, cap)
     np.testing.assert_allclose(np.asarray(y), y_ref, rtol=1e-4, atol=1e-5)
@@ -292,13 +290,38 @@ def test_moe_module_matches_token_loop(capacity_factor):
         assert dropped == 0
     else:
         assert dropped > 0
-    f = np.bincount(top.reshape(-1), minlength=c) / top.size
-    np.testing.assert_allclose(np.asarray(stats["expert_load"]), f, rtol=1e-6)
-    # The router statistics are the router losses of the module's own logits.
     logits = np.asarray(x, np.float64) @ np.asarray(params["router"]["kernel"], np.float64)
+    np.testing.assert_allclose(np.asarray(stats["router_logits"]), logits, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(stats["expert_index"]), top)
+    # The router losses of the module's own statistics (one layer), as the LM task takes them.
+    losses = jax.jit(router.router_losses)(stats["router_logits"][None],
+                                           stats["expert_index"][None])
+    f = np.bincount(top.reshape(-1), minlength=c) / top.size
+    np.testing.assert_allclose(np.asarray(losses["expert_load"]), f, rtol=1e-6)
     p = _np_softmax(logits).reshape(-1, c).mean(0)
-    np.testing.assert_allclose(float(stats["load_balance"]), c * np.sum(f * p), rtol=1e-4)
-    np.testing.assert_allclose(float(stats["balance_deviation"]), np.sum((f - 1 / c) ** 2),
+    np.testing.assert_allclose(float(losses["load_balance"]), c * np.sum(f * p), rtol=1e-4)
+    np.testing.assert_allclose(float(losses["balance_deviation"]), np.sum((f - 1 / c) ** 2),
                                rtol=1e-4, atol=1e-8)
     lse = np.log(np.exp(logits).sum(-1))
-    np.testing.assert_allclose(float(stats["router_z"]), np.mean(lse**2), rtol=1e-4)
+    np.testing.assert_allclose(float(losses["router_z"]), np.mean(lse**2), rtol=1e-4)
+
+
+def test_router_losses_are_the_mean_over_layers():
+    """Stacked layers [L, ...]: each loss is the mean of the per-layer losses."""
+    c, k = 6, 2
+    layers = [_router_inputs(seed=20 + i, shape=(2, 5), c=c, k=k) for i in range(3)]
+    logits = jnp.asarray(np.stack([z for z, _ in layers]))
+    idx = jnp.asarray(np.stack([i for _, i in layers]))
+    out = jax.jit(router.router_losses)(logits, idx)
+    per_layer = {
+        "load_balance": [load_balance_loss(z, i) for z, i in zip(logits, idx, strict=True)],
+        "balance_deviation": [balance_deviation_loss(z, i)
+                              for z, i in zip(logits, idx, strict=True)],
+        "router_z": [router_z_loss(z) for z in logits],
+        "expert_load": [expert_fractions(i, c) for i in idx],
+    }
+    assert set(out) == set(per_layer)
+    for name, values in per_layer.items():
+        np.testing.assert_allclose(np.asarray(out[name]), np.mean(np.stack(values), axis=0),
+                                   rtol=1e-5, atol=1e-8, err_msg=name)
+    np.testing.assert_allclose(float(jnp.sum(out["expert_load"])), 1.0, rtol=1e-6)

@@ -90,6 +90,7 @@ from jaxtrain.hf.files import (
     write_state,
 )
 from jaxtrain.models.clip import ClipConfig
+from jaxtrain.tokenizer_files import has_tokenizer_files, load_pretrained_tokenizer
 
 Params = dict[str, Any]
 
@@ -519,6 +520,17 @@ def image_preprocessing_from_hf(path: str | os.PathLike[str]) -> dict[str, Any]:
     }
 
 
+def data_settings(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``config.data`` settings the directory implies: ``tokenizer`` (the directory itself)
+    when it holds tokenizer files, and the image preprocessing of its
+    ``preprocessor_config.json`` (:func:`image_preprocessing_from_hf`) when it has one."""
+    path = os.fspath(path)
+    out: dict[str, Any] = {"tokenizer": path} if has_tokenizer_files(path) else {}
+    if os.path.isfile(os.path.join(path, _PREPROCESSOR)):
+        out.update(image_preprocessing_from_hf(path))
+    return out
+
+
 def image_preprocessing_to_hf(prep: Mapping[str, Any]) -> dict[str, Any]:
     """The ``CLIPImageProcessor`` ``preprocessor_config.json`` dict for a preprocessing dict
     as returned by :func:`image_preprocessing_from_hf` (exactly its keys)."""
@@ -582,21 +594,9 @@ def load_hf(path: str | os.PathLike[str], **overrides: Any) -> tuple[ClipConfig,
     return cfg, params
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                    "tokenizer.model", "spiece.model", "vocab.txt")
-
-
-def load_tokenizer(path: str | os.PathLike[str]) -> Any:
-    """``transformers.AutoTokenizer.from_pretrained(path)`` for a local directory, with a clear
-    error when it holds no tokenizer files."""
-    path = _checkpoint_dir(path)
-    if not any(os.path.isfile(os.path.join(path, n)) for n in _TOKENIZER_FILES):
-        raise FileNotFoundError(
-            f"no tokenizer files in {path} (looked for {', '.join(_TOKENIZER_FILES)}); save one "
-            "with tokenizer.save_pretrained(path) or save_hf(..., tokenizer=tokenizer)")
-    import transformers
-
-    return transformers.AutoTokenizer.from_pretrained(path)
+# The tokenizer saved with a checkpoint, loaded by the one Hugging Face tokenizer loader (a local
+# directory, or a hub name); a directory without tokenizer files is a FileNotFoundError.
+load_tokenizer = load_pretrained_tokenizer
 
 
 def _check_tokenizer(tokenizer: Any, cfg: ClipConfig) -> None:
@@ -651,5 +651,45 @@ def save_hf(
         write_json(os.path.join(path, _PREPROCESSOR), preprocessor)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+
+
+def transformers_outputs(path: str | os.PathLike[str], cfg: ClipConfig, params: Any,
+                         seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(ours, transformers'): the L2-normalised ``image_embeds`` / ``text_embeds`` of this model
+    (``cfg``, ``params``, in float32) and of ``transformers.CLIPModel`` loaded from ``path``
+    (written by :func:`save_hf`), for the same random images and caption-like token rows: how an
+    export checks its Hugging Face directory. Needs torch."""
+    import jax
+    import torch
+    import transformers
+
+    from jaxtrain.models.clip import CLIP
+
+    rng = np.random.default_rng(seed)
+    b, t = 2, cfg.text_max_len
+    images = rng.standard_normal((b, cfg.image_size, cfg.image_size, cfg.channels))
+    images = images.astype(np.float32)
+    # caption-like rows: bos, words, the pooled token, padding. 'argmax' pools at the highest
+    # id (the last vocabulary id here), 'eos' at eos_token_id (save_hf refuses other poolings)
+    v = max(cfg.vocab_size, 4)
+    end = v - 1 if cfg.text_pooling == "argmax" else cfg.eos_token_id
+    tokens = np.zeros((b, t), np.int32)
+    for i, n in enumerate((t, max(t // 2, 2))):
+        words = rng.integers(1, v - 1, n - 2)
+        words[words == end] = 1
+        tokens[i, :n] = [1, *words, end]
+    f32 = dataclasses.replace(cfg, dtype="float32", attention_impl=None)
+    out = jax.jit(CLIP(f32).apply)({"params": params}, images, tokens)
+    model = transformers.CLIPModel.from_pretrained(os.fspath(path), dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        img = model.get_image_features(pixel_values=torch.as_tensor(images.transpose(0, 3, 1, 2)))
+        txt = model.get_text_features(input_ids=torch.as_tensor(tokens, dtype=torch.long),
+                                      attention_mask=torch.as_tensor(tokens != 0))
+    img, txt = (getattr(x, "pooler_output", x).numpy() for x in (img, txt))
+    norm = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    return ({"image_embeds": np.asarray(out["image_embeds"]),
+             "text_embeds": np.asarray(out["text_embeds"])},
+            {"image_embeds": norm(img), "text_embeds": norm(txt)})
 
 

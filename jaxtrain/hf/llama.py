@@ -70,6 +70,7 @@ from jaxtrain.hf.files import (
     write_state,
 )
 from jaxtrain.models.llama import LlamaConfig
+from jaxtrain.tokenizer_files import has_tokenizer_files
 
 Params = dict[str, Any]
 
@@ -436,6 +437,13 @@ def load_hf(path: str | os.PathLike[str], **overrides: Any) -> tuple[LlamaConfig
     return cfg, params
 
 
+def data_settings(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``config.data`` settings the directory implies: ``tokenizer`` (the directory itself)
+    when it holds tokenizer files, else nothing."""
+    path = os.fspath(path)
+    return {"tokenizer": path} if has_tokenizer_files(path) else {}
+
+
 def save_hf(
     path: str | os.PathLike[str],
     params: Any,
@@ -456,3 +464,26 @@ def save_hf(
     path = os.fspath(path)
     write_state(path, state, max_shard_bytes)
     write_json(os.path.join(path, CONFIG), hf)
+
+
+def transformers_outputs(path: str | os.PathLike[str], cfg: LlamaConfig, params: Any,
+                         seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(ours, transformers'): the float32 ``logits`` of this model (``cfg``, ``params``) and of
+    ``transformers.AutoModelForCausalLM`` loaded from ``path`` (written by :func:`save_hf`), for
+    the same random tokens [2, 16]: how an export checks its Hugging Face directory. Needs torch.
+    """
+    import jax
+    import torch
+    import transformers
+
+    from jaxtrain.models.llama import Llama
+
+    tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (2, 16)).astype(np.int32)
+    f32 = dataclasses.replace(cfg, dtype="float32", remat_policy="none", attention_impl=None)
+    ours, _ = jax.jit(Llama(f32).apply)({"params": params}, tokens)
+    model = transformers.AutoModelForCausalLM.from_pretrained(os.fspath(path),
+                                                              dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        theirs = model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
+    return {"logits": np.asarray(ours)}, {"logits": theirs}

@@ -53,3 +53,22 @@ def router_z_loss(logits: Array) -> Array:
     """ST-MoE router z-loss ``mean_n (logsumexp_i logits_n,i)²``: keeps router logits small."""
     lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
     return jnp.mean(lse**2)
+
+
+def router_losses(logits: Array, expert_index: Array) -> dict[str, Array]:
+    """The router losses and expert load of L MoE layers, each the mean over the layers of the
+    per-layer value: ``load_balance``, ``balance_deviation``, ``router_z`` (the losses above)
+    and ``expert_load`` (f_i, [C]).
+
+    ``logits`` [L, ..., C] and ``expert_index`` [L, ..., k]: layer first, as
+    :class:`jaxtrain.models.llama.Llama` returns them (``router_logits``, ``expert_index``).
+    """
+    num_experts = logits.shape[-1]
+
+    def one_layer(z: Array, index: Array) -> dict[str, Array]:
+        return {"load_balance": load_balance_loss(z, index),
+                "balance_deviation": balance_deviation_loss(z, index),
+                "router_z": router_z_loss(z),
+                "expert_load": expert_fractions(index, num_experts)}
+
+    return jax.tree.map(lambda v: jnp.mean(v, axis=0), jax.vmap(one_layer)(logits, expert_index))

@@ -43,9 +43,11 @@ from jaxtrain.models.layers import (
     Encoder,
     default_embed_init,
     get_activation,
+    l2_normalize,
     layer_norm,
     partitioned,
 )
+from jaxtrain.models.registry import DUAL_ENCODER, ModelFamily
 
 Array = jax.Array
 
@@ -312,12 +314,6 @@ class TextTransformer(nn.Module):
         return jnp.take_along_axis(x, eos_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
 
 
-def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
-    """``x / max(||x||, eps)`` along the last axis."""
-    norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-    return x / jnp.maximum(norm, eps)
-
-
 class CLIP(nn.Module):
     """CLIP two-tower model.
 
@@ -383,3 +379,46 @@ class CLIP(nn.Module):
             "text_embeds": l2_normalize(self.encode_text(tokens)),
             **self.scalars(),
         }
+
+
+def init_params(cfg: ClipConfig, rng: Array) -> Any:
+    """Boxed (logically partitioned) parameters of a fresh model."""
+    images = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32)
+    tokens = jnp.zeros((1, cfg.text_max_len), jnp.int32)
+    return CLIP(cfg).init(rng, images, tokens)["params"]
+
+
+def inference_inputs(cfg: ClipConfig, batch_size: int,
+                     seq_len: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """``image`` float32 [B, image_size, image_size, channels] (preprocessed) and ``text`` int32
+    [B, text_max_len] (token ids, padded with 0); the text length is the model's."""
+    if seq_len is not None:
+        raise ValueError(f"CLIP's inputs have no sequence length to set (seq_len={seq_len}): "
+                         f"the text is model.text_max_len = {cfg.text_max_len} tokens.")
+    return {
+        "image": jax.ShapeDtypeStruct((batch_size, cfg.image_size, cfg.image_size, cfg.channels),
+                                      jnp.float32),
+        "text": jax.ShapeDtypeStruct((batch_size, cfg.text_max_len), jnp.int32),
+    }
+
+
+def inference(cfg: ClipConfig, params: Any, inputs: dict[str, Array]) -> dict[str, Array]:
+    """L2-normalised ``image_embeds`` / ``text_embeds`` [B, embed_dim] of ``image``, ``text``."""
+    out = CLIP(cfg).apply({"params": params}, inputs["image"], inputs["text"])
+    return {"image_embeds": out["image_embeds"], "text_embeds": out["text_embeds"]}
+
+
+FAMILY = ModelFamily(
+    name="clip",
+    kind=DUAL_ENCODER,
+    title="CLIP",
+    config_cls=ClipConfig,
+    module=CLIP,
+    init=init_params,
+    inference_inputs=inference_inputs,
+    inference=inference,
+    runtime_fields=("dtype", "remat", "attention_impl"),
+    hf_module="jaxtrain.hf.clip",
+    hf_model_types=("clip",),
+    data_keys=("tokenizer", "image_mean", "image_std"),
+)

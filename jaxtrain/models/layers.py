@@ -50,6 +50,12 @@ def get_activation(name: str) -> Callable[[Array], Array]:
         ) from None
 
 
+def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
+    """``x / max(||x||, eps)`` along the last axis."""
+    norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+    return x / jnp.maximum(norm, eps)
+
+
 def partitioned(init_fn: Callable[..., Array], names: tuple[str | None, ...]) -> Callable:
     """Shorthand for ``nn.with_logical_partitioning(init_fn, names)``."""
     return nn.with_logical_partitioning(init_fn, names)

@@ -40,6 +40,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxtrain.models.layers import Dtype, partitioned
+from jaxtrain.models.moe import MoE
+from jaxtrain.models.registry import CAUSAL_LM, ModelFamily
 
 Array = jax.Array
 
@@ -308,15 +310,16 @@ class DecoderBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, mask: Array | None):
-        from jaxtrain.models.moe import MoE  # local: moe imports this module's pieces
-
         cfg = self.cfg
         x = nn.with_logical_constraint(x, ACT)
         h = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="input_layernorm")(x)
         x = x + Attention(cfg, name="self_attn")(h, positions, mask)
         h = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="post_attention_layernorm")(x)
         if cfg.num_experts:
-            h, stats = MoE(cfg, name="mlp")(h)
+            h, stats = MoE(cfg.num_experts, cfg.num_experts_per_tok,
+                           cfg.moe_intermediate_size or cfg.intermediate_size,
+                           cfg.capacity_factor, cfg.initializer_range, cfg.compute_dtype,
+                           name="mlp")(h)
         else:
             h, stats = SwiGLU(cfg, name="mlp")(h), {}
         x = nn.with_logical_constraint(x + h, ACT)
@@ -325,8 +328,11 @@ class DecoderBlock(nn.Module):
 
 class Llama(nn.Module):
     """The decoder. ``__call__(tokens, positions=None, segment_ids=None)`` returns
-    ``(logits [B, T, V] float32, aux)``; ``aux`` holds the MoE router statistics averaged over
-    layers (empty for a dense model) and ``hidden`` (the final normed hidden states)."""
+    ``(logits [B, T, V] float32, aux)``; ``aux`` holds ``hidden`` (the final normed hidden
+    states) and, with MoE layers, their router statistics stacked over the L layers:
+    ``router_logits`` [L, B, T, C], ``expert_index`` [L, B, T, k], ``dropped_fraction`` [L]
+    (see :class:`jaxtrain.models.moe.MoE`; :func:`jaxtrain.losses.router.router_losses` turns
+    them into the router losses)."""
 
     cfg: LlamaConfig
 
@@ -362,15 +368,13 @@ class Llama(nn.Module):
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, stats = scanned(cfg, name="layers")(x, positions, mask)
-            stats = jax.tree.map(lambda s: jnp.mean(s, axis=0), stats)
+            x, stats = scanned(cfg, name="layers")(x, positions, mask)  # stacked by scan
         else:
             per_layer = []
             for i in range(cfg.num_layers):
                 x, s = block(cfg, name=f"layers_{i}")(x, positions, mask)
                 per_layer.append(s)
-            stats = jax.tree.map(lambda *s: jnp.mean(jnp.stack(s), axis=0), *per_layer) \
-                if per_layer[0] else {}
+            stats = jax.tree.map(lambda *s: jnp.stack(s), *per_layer) if per_layer[0] else {}
         x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="norm")(x)
         if cfg.tie_embeddings:
             logits = embed.attend(x)
@@ -388,3 +392,34 @@ def init_params(cfg: LlamaConfig, rng: Array, seq_len: int = 8) -> Any:
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     return Llama(cfg).init(rng, tokens)["params"]
 
+
+def inference_inputs(cfg: LlamaConfig, batch_size: int,
+                     seq_len: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """``tokens``: int32 [batch_size, seq_len]."""
+    if seq_len is None:
+        raise ValueError("A language model's inference inputs need seq_len (tokens per row).")
+    return {"tokens": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)}
+
+
+def inference(cfg: LlamaConfig, params: Any, inputs: dict[str, Array]) -> dict[str, Array]:
+    """``logits`` float32 [B, T, V] of plain causal rows (positions 0..T-1, one document per
+    row)."""
+    logits, _ = Llama(cfg).apply({"params": params}, inputs["tokens"])
+    return {"logits": logits}
+
+
+FAMILY = ModelFamily(
+    name="llama",
+    kind=CAUSAL_LM,
+    title="language model",
+    config_cls=LlamaConfig,
+    module=Llama,
+    init=init_params,
+    inference_inputs=inference_inputs,
+    inference=inference,
+    runtime_fields=("dtype", "remat_policy", "scan_layers", "attention_impl", "capacity_factor"),
+    flops_per_token=LlamaConfig.flops_per_token,
+    hf_module="jaxtrain.hf.llama",
+    hf_model_types=("llama", "qwen2", "mistral"),
+    data_keys=("tokenizer",),
+)

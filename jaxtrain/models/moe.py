@@ -11,6 +11,9 @@ Dispatch is by one-hot einsums, so GSPMD turns it into all-to-alls when the expe
 ([C, D, F], logical axis ``expert``) are sharded over the mesh's ``expert`` axis.
 The dispatch tensor is [B, T, C, capacity]: memory grows as k · T² · capacity_factor per
 sequence, fine up to a few thousand tokens.
+
+The module computes no loss: it returns what the router did (its logits, the chosen experts, the
+dropped fraction) and the task applies :mod:`jaxtrain.losses.router` to it.
 """
 
 from __future__ import annotations
@@ -21,14 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtrain.losses.router import (
-    balance_deviation_loss,
-    expert_fractions,
-    load_balance_loss,
-    router_z_loss,
-)
-from jaxtrain.models.layers import partitioned
-from jaxtrain.models.llama import LlamaConfig
+from jaxtrain.models.layers import Dtype, partitioned
 
 Array = jax.Array
 
@@ -58,25 +54,30 @@ def dispatch_and_combine(
 
 
 class MoE(nn.Module):
-    """Returns (y [B, T, D], stats): stats = load_balance, balance_deviation, router_z (router
-    losses), expert_load [C] (f_i) and dropped_fraction (assignments over capacity)."""
+    """Top-k routed SwiGLU experts. Returns (y [B, T, D], stats) with the router's statistics:
+    ``router_logits`` [B, T, C] float32, ``expert_index`` [B, T, k] (each token's chosen experts,
+    before the capacity drop) and ``dropped_fraction`` (the share of the k·T assignments per
+    group over capacity, averaged over groups)."""
 
-    cfg: LlamaConfig
+    num_experts: int  # C
+    num_experts_per_tok: int  # k
+    intermediate_size: int  # F of each expert
+    capacity_factor: float
+    initializer_range: float
+    dtype: Dtype = jnp.float32  # compute dtype (router and parameters are float32)
 
     @nn.compact
     def __call__(self, x: Array) -> tuple[Array, dict[str, Array]]:
-        cfg = self.cfg
         b, t, d = x.shape
-        c, k = cfg.num_experts, cfg.num_experts_per_tok
-        f = cfg.moe_intermediate_size or cfg.intermediate_size
-        dt = cfg.compute_dtype
-        init = nn.initializers.normal(stddev=cfg.initializer_range)
+        c, k, f = self.num_experts, self.num_experts_per_tok, self.intermediate_size
+        dt = self.dtype
+        init = nn.initializers.normal(stddev=self.initializer_range)
         logits = nn.Dense(
             c, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
             kernel_init=partitioned(init, ("embed", None)), name="router",
         )(x.astype(jnp.float32))
         probs = jax.nn.softmax(logits, axis=-1)
-        capacity = max(1, math.ceil(k * t * cfg.capacity_factor / c))
+        capacity = max(1, math.ceil(k * t * self.capacity_factor / c))
         dispatch, combine, top_i, kept = dispatch_and_combine(probs, k, capacity)
 
         def expert_param(name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> Array:
@@ -94,10 +95,8 @@ class MoE(nn.Module):
         out = nn.with_logical_constraint(out, ("expert_batch", "act_expert", None, "act_embed"))
         y = jnp.einsum("bced,btce->btd", out, combine.astype(dt))
         stats = {
-            "load_balance": load_balance_loss(logits, top_i),
-            "balance_deviation": balance_deviation_loss(logits, top_i),
-            "router_z": router_z_loss(logits),
-            "expert_load": expert_fractions(top_i, c),
+            "router_logits": logits,
+            "expert_index": top_i,
             "dropped_fraction": 1.0 - jnp.mean(kept),
         }
         return y, stats

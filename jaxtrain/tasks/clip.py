@@ -18,83 +18,37 @@ One task, chosen by config:
 * ``init_from``: start from a Hugging Face ``CLIPModel`` directory (its weights, tokenizer and
   image preprocessing) or a jaxtrain CLIP workdir.
 
-Eval: recall@1/5/10 in both directions and mean rank on the held-out pairs, and zero-shot
-classification accuracy on a labelled image set (``data.zero_shot``).
+Evaluators (``config.evals``): ``retrieval`` (recall@1/5/10 in both directions and mean rank on
+the held-out pairs) and ``zero_shot`` (classification accuracy on a labelled image set); see
+:mod:`jaxtrain.evaluators`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
 from ml_collections import config_dict
 
 from jaxtrain.config import ConfigError, base_config
-from jaxtrain.data import pairs, pipeline
-from jaxtrain.data.shapes import PAIR_MODES, CaptionTokenizer
+from jaxtrain.data import pair_config, pair_rows
+from jaxtrain.data.pair_config import PAIR_MODES
+from jaxtrain.data.shapes import CaptionTokenizer
+from jaxtrain.evaluators import eval_config
 from jaxtrain.grad_cache import gradient_cache
 from jaxtrain.losses import contrastive
-from jaxtrain.metrics.retrieval import retrieval_metrics
-from jaxtrain.models.clip import CLIP, ClipConfig, l2_normalize
-from jaxtrain.tasks.base import Task
+from jaxtrain.models.layers import l2_normalize
+from jaxtrain.models.registry import DUAL_ENCODER, get_model
+from jaxtrain.task import Task
+from jaxtrain.weights import load_pretrained
 
 LOSSES = ("infonce", "siglip")
-# ClipConfig fields that say how to run a model rather than what it is: kept from the config
-# when the model's shape comes from elsewhere (init_from, a teacher).
-RUNTIME_FIELDS = ("dtype", "remat", "attention_impl")
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 SIGLIP_DEFAULTS = {"logit_bias_init": -10.0, "init_temperature": 0.1}  # Zhai et al. 2023
-
-
-def model_config(d: dict) -> ClipConfig:
-    try:
-        return ClipConfig.from_dict(d)
-    except ValueError as e:
-        raise ConfigError(f"config.model: {e}") from None
-
-
-def _is_hf_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(
-        os.path.join(path, "checkpoints"))
-
-
-def load_weights(path: str, what: str) -> tuple[ClipConfig, Any, dict]:
-    """(model config, params as numpy, data settings the weights imply) from a Hugging Face
-    CLIP directory or a jaxtrain CLIP workdir. `what` names the config key, for errors."""
-    if not os.path.exists(path):
-        raise ConfigError(
-            f"{what} {path!r} does not exist: give a jaxtrain CLIP workdir (runs/clip is what "
-            "`python -m jaxtrain.main --config=configs/clip.py` writes) or a Hugging Face CLIP "
-            "directory (config.json + model.safetensors).")
-    if _is_hf_dir(path):
-        from jaxtrain.hf import clip as hf_clip
-
-        cfg, params = hf_clip.load_hf(path)
-        data = {}
-        if any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
-            data["tokenizer"] = path
-        if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
-            data.update(hf_clip.image_preprocessing_from_hf(path))
-        return cfg, params, data
-    from jaxtrain.checkpoint import read_params
-
-    try:
-        saved, params = read_params(path)
-    except FileNotFoundError as e:
-        raise ConfigError(f"{what} {path!r}: {e}") from None
-    if saved.get("task") != ClipTask.name:
-        raise ConfigError(f"{what} {path!r} holds a {saved.get('task')!r} run, not a CLIP "
-                          "dual encoder (task 'clip').")
-    saved_data = saved.get("data", {})
-    data = {k: saved_data[k] for k in ("tokenizer", "image_mean", "image_std") if k in saved_data}
-    return model_config(saved["model"]), params, data
 
 
 class ClipTask(Task):
@@ -104,13 +58,14 @@ class ClipTask(Task):
     def default_config(cls) -> ml_collections.ConfigDict:
         c = base_config()
         c.task = cls.name
-        model = dataclasses.asdict(ClipConfig(vocab_size=CaptionTokenizer().vocab_size))
+        model = get_model("clip").default_config()  # model.name: any dual encoder family
+        model["vocab_size"] = CaptionTokenizer().vocab_size
         model["attention_impl"] = config_dict.placeholder(str)
         model["logit_bias_init"] = config_dict.placeholder(float)
         model["eos_token_id"] = config_dict.placeholder(int)
         c.model = ml_collections.ConfigDict(model)
         c.init_from = ""  # a Hugging Face CLIP directory or a jaxtrain CLIP workdir
-        c.data = pairs.default_data_config()
+        c.data = pair_config.default_data_config()
         c.contrastive = ml_collections.ConfigDict(dict(
             mode="i2t",  # 'i2t' | 't2i' | 't2t' | 'i2i': the query / positive modalities
             loss="infonce",  # 'infonce' | 'siglip'
@@ -123,17 +78,19 @@ class ClipTask(Task):
         c.train.gradient_cache_chunk_size = 0  # rows embedded at a time (divides the batch)
         c.distill = ml_collections.ConfigDict(dict(teacher="", alpha=0.5, temperature=1.0))
         c.eval.batch_size = 128
+        c.evals.retrieval = eval_config("retrieval")  # eval/retrieval/i2t/recall@1, ...
+        c.evals.zero_shot = eval_config("zero_shot")  # eval/zero_shot/accuracy
         return c
 
     @classmethod
     def config_rules(cls):
         return [
-            *pairs.data_config_rules(),
-            ("contrastive.mode", lambda v: v in pairs.MODES, f"must be one of {pairs.MODES}"),
+            *pair_config.data_config_rules(),
+            ("contrastive.mode", lambda v: v in PAIR_MODES, f"must be one of {tuple(PAIR_MODES)}"),
             ("contrastive.loss", lambda v: v in LOSSES, f"must be one of {LOSSES}"),
             ("contrastive.num_negatives", lambda v: v >= 0, "must be >= 0"),
             ("train.gradient_cache_chunk_size", lambda v: v >= 0,
-             "must be >= 0 (rows per chunk; 0 = the whole batch)"),
+             "must be >= 0 (rows per chunk; 0 = the whole microbatch)"),
             ("distill.alpha", lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
             ("distill.temperature", lambda v: v > 0, "must be > 0"),
         ]
@@ -147,38 +104,41 @@ class ClipTask(Task):
                 f"contrastive.unified_encoder needs queries and positives of one modality "
                 f"(mode 't2t' or 'i2i'); mode {c.mode!r} pairs {self.query_modality} with "
                 f"{self.positive_modality}, which go through different towers.")
+        self.family = get_model(config.model.name, kind=DUAL_ENCODER)
         model = config.model.to_dict()
         data_overrides: dict = {}
         self._init_weights = None
-        if config.init_from:
-            shape_cfg, self._init_weights, data_overrides = load_weights(
-                config.init_from, "init_from")
-            model = {**dataclasses.asdict(shape_cfg), **{k: model[k] for k in RUNTIME_FIELDS}}
+        if config.init_from:  # the weights give the model its shape; the config how to run it
+            shape_cfg, self._init_weights, data_overrides = load_pretrained(
+                config.init_from, self.family, "init_from")
+            model = {**dataclasses.asdict(shape_cfg),
+                     **{k: model[k] for k in self.family.runtime_fields}}
         if c.loss == "siglip" and model.get("logit_bias_init") is None:
             # SigLIP's learnable bias (and its starting temperature, unless one is set).
             model["logit_bias_init"] = SIGLIP_DEFAULTS["logit_bias_init"]
-            if model["init_temperature"] == ClipConfig.init_temperature:
+            if model["init_temperature"] == self.family.config_cls.init_temperature:
                 model["init_temperature"] = SIGLIP_DEFAULTS["init_temperature"]
         self.data_config = self._data_config(data_overrides)
-        self.tokenizer = pairs.load_text_tokenizer(self.data_config)
+        self.tokenizer = pair_rows.load_text_tokenizer(self.data_config)
         if self.data_config.tokenizer and model["text_pooling"] == "last" and \
                 self.tokenizer.eos_id != 2:
             # A Hugging Face tokenizer pads with its own id (often its EOS), not 0: pool at the
             # first EOS, as transformers' CLIP does (and so the model exports to its format).
             model.update(text_pooling="eos", eos_token_id=self.tokenizer.eos_id)
-        self.model_config = model_config(model)
-        self.model = CLIP(self.model_config)
+        self.model_config = self.family.config(model)
+        self.model = self.family.module(self.model_config)
         self._check_vocab()
+        self._check_gradient_cache()
 
         self.teacher_config = None
         self._teacher_weights = None
         if config.distill.teacher:
-            t_cfg, self._teacher_weights, t_data = load_weights(config.distill.teacher,
-                                                                "distill.teacher")
-            runtime = {k: getattr(self.model_config, k) for k in RUNTIME_FIELDS}
+            t_cfg, self._teacher_weights, t_data = load_pretrained(
+                config.distill.teacher, self.family, "distill.teacher")
+            runtime = {k: getattr(self.model_config, k) for k in self.family.runtime_fields}
             self.teacher_config = dataclasses.replace(t_cfg, **runtime)
             self._check_teacher(t_data)
-            self.teacher = CLIP(self.teacher_config)
+            self.teacher = self.family.module(self.teacher_config)
 
     # ------------------------------------------------------------------ config checks
 
@@ -186,12 +146,25 @@ class ClipTask(Task):
         """`config.data` with what pretrained weights imply (their tokenizer, their image
         normalisation) filled in where the config leaves the default."""
         d = ml_collections.ConfigDict(self.config.data.to_dict())
-        defaults = pairs.default_data_config()
+        defaults = pair_config.default_data_config()
         for key, value in overrides.items():
             if key in d and d[key] == defaults[key] and value != d[key]:
                 logging.info("data.%s = %r (from %s)", key, value, self.config.init_from)
                 d[key] = value
         return d
+
+    @property
+    def microbatch(self) -> int:
+        """Rows the gradient function sees at once: the batch over `train.accum_steps`."""
+        return self.config.train.batch_size // self.config.train.accum_steps
+
+    def _check_gradient_cache(self) -> None:
+        chunk, micro = self.config.train.gradient_cache_chunk_size, self.microbatch
+        if self.config.train.use_gradient_cache and chunk and micro % chunk:
+            raise ConfigError(
+                f"train.gradient_cache_chunk_size ({chunk}) must divide the microbatch, "
+                f"train.batch_size / train.accum_steps = {micro}: choose a divisor of {micro} "
+                "(0 = the whole microbatch).")
 
     def _check_vocab(self) -> None:
         size = self.tokenizer.vocab_size
@@ -230,18 +203,12 @@ class ClipTask(Task):
     # ------------------------------------------------------------------ model
 
     def init_params(self, rng: jax.Array) -> Any:
-        m = self.model_config
-        images = jnp.zeros((1, m.image_size, m.image_size, m.channels), jnp.float32)
-        tokens = jnp.zeros((1, m.text_max_len), jnp.int32)
-        return self.model.init(rng, images, tokens)["params"]
+        return self.family.init(self.model_config, rng)
 
     def init_frozen(self, rng: jax.Array) -> Any:
         if self.teacher_config is None:
             return {}
-        t = self.teacher_config
-        images = jnp.zeros((1, t.image_size, t.image_size, t.channels), jnp.float32)
-        tokens = jnp.zeros((1, t.text_max_len), jnp.int32)
-        return {"teacher": self.teacher.init(rng, images, tokens)["params"]}
+        return {"teacher": self.family.init(self.teacher_config, rng)}
 
     def pretrained(self) -> dict[str, Any]:
         weights = {}
@@ -251,12 +218,12 @@ class ClipTask(Task):
             weights["frozen"] = {"teacher": self._teacher_weights}
         return weights
 
-    def _encode(self, model: CLIP, params, modality: str, x: jax.Array) -> jax.Array:
+    def _encode(self, model: nn.Module, params, modality: str, x: jax.Array) -> jax.Array:
         """L2-normalised embeddings of images [N, H, W, C] or token ids [N, T]."""
-        method = CLIP.encode_image if modality == "image" else CLIP.encode_text
+        method = "encode_image" if modality == "image" else "encode_text"
         return l2_normalize(model.apply({"params": params}, x, method=method))
 
-    def _embed(self, model: CLIP, params, batch: dict) -> dict[str, jax.Array]:
+    def _embed(self, model: nn.Module, params, batch: dict) -> dict[str, jax.Array]:
         """{"query": [B, D], "positive": [B, D], "negatives": [B, N, D] (if any)}."""
         q_mod, p_mod = self.query_modality, self.positive_modality
         negatives = batch.get("negatives")
@@ -287,23 +254,28 @@ class ClipTask(Task):
                                          batch["positive"])}
 
     def _scalars(self, params) -> dict[str, jax.Array]:
-        return self.model.apply({"params": params}, method=CLIP.scalars)
+        return self.model.apply({"params": params}, method="scalars")
 
-    def _loss(self, params, embeds, teacher, frozen, mesh=None):
-        """The loss of a batch's embeddings (contrastive, mixed with distillation)."""
+    def _contrastive(self, q, p, scalars, negatives=None, mesh=None):
+        """The configured contrastive loss (`contrastive.loss`, `local_loss`): the one place
+        that selects it. `scalars`: the model's logit scale (and SigLIP's bias)."""
         c, m = self.config.contrastive, self.model_config
-        s = self._scalars(params)
-        q, p, negs = embeds["query"], embeds["positive"], embeds.get("negatives")
         sharded = {} if mesh is None else {"mesh": mesh}
         if c.loss == "siglip":
             fn = contrastive.sharded_siglip_loss if mesh is not None else contrastive.siglip_loss
-            loss, metrics = fn(q, p, s["logit_scale"], s["logit_bias"], hard_negatives=negs,
-                               max_logit_scale=m.max_logit_scale, **sharded)
-        else:
-            fn = contrastive.sharded_info_nce_loss if mesh is not None else \
-                contrastive.info_nce_loss
-            loss, metrics = fn(q, p, s["logit_scale"], m.max_logit_scale, hard_negatives=negs,
-                               symmetric=c.symmetric, **sharded)
+            return fn(q, p, scalars["logit_scale"], scalars["logit_bias"],
+                      hard_negatives=negatives, max_logit_scale=m.max_logit_scale, **sharded)
+        fn = contrastive.sharded_info_nce_loss if mesh is not None else \
+            contrastive.info_nce_loss
+        return fn(q, p, scalars["logit_scale"], m.max_logit_scale, hard_negatives=negatives,
+                  symmetric=c.symmetric, **sharded)
+
+    def _loss(self, params, embeds, teacher, frozen, mesh=None):
+        """The loss of a batch's embeddings (contrastive, mixed with distillation)."""
+        m = self.model_config
+        s = self._scalars(params)
+        q, p = embeds["query"], embeds["positive"]
+        loss, metrics = self._contrastive(q, p, s, embeds.get("negatives"), mesh)
         if teacher is not None:
             d = self.config.distill
             t_scale = frozen["teacher"]["logit_scale"]
@@ -336,7 +308,7 @@ class ClipTask(Task):
             return self._loss(full(params, frozen, rng), embeds, teacher, frozen, loss_mesh)
 
         if t.use_gradient_cache:
-            chunk = t.gradient_cache_chunk_size or self.config.train.batch_size
+            chunk = t.gradient_cache_chunk_size or self.microbatch
             return gradient_cache(embed_fn, loss_fn, chunk, mesh=mesh,
                                   aux_fn=self._teacher_embed if self.teacher_config else None)
 
@@ -359,108 +331,48 @@ class ClipTask(Task):
                     image_size=m.image_size, text_max_len=m.text_max_len)
 
     def train_iterator(self, *, seed, batch_size, process_index, process_count):
-        return pairs.train_iterator(
+        return pair_rows.train_iterator(
             self.data_config, seed=seed, batch_size=batch_size, process_index=process_index,
             process_count=process_count, **self._data_kwargs())
 
-    def eval_batches(self, *, batch_size, process_index, process_count):
-        """The held-out pairs (retrieval), then the zero-shot set's images and class prompts."""
-        kw = dict(batch_size=batch_size, process_index=process_index,
-                  process_count=process_count)
-        yield from pairs.eval_batches(self.data_config, seed=self.config.seed, **kw,
-                                      **self._data_kwargs())
-        zero_shot = self._zero_shot_set()
-        if zero_shot is None:
-            return
-        for b in zero_shot.batches(**kw):
-            yield {"zs_image": b["image"], "zs_label": b["label"], "valid": b["valid"]}
-        prompts = pipeline.ArrayRows({"zs_prompt": zero_shot.prompts,
-                                      "zs_class": np.arange(len(zero_shot.prompts))})
-        yield from pipeline.eval_batches(prompts, **kw)
+    def heldout_batches(self, *, batch_size, process_index, process_count, source=""):
+        """The held-out pairs (`data.*`), or every pair of the dataset `source`."""
+        d = self.data_config
+        if source:
+            d = ml_collections.ConfigDict(d.to_dict())
+            d.name, d.eval_split = source, d.split  # its `data.split`, read whole
+        return pair_rows.eval_batches(d, seed=self.config.seed, batch_size=batch_size,
+                                      process_index=process_index,
+                                      process_count=process_count, **self._data_kwargs())
 
-    @functools.cache  # noqa: B019 (one per task; the set is read and its prompts tokenised once)
-    def _zero_shot_set(self):
-        return pairs.zero_shot_set(self.data_config, image_size=self.model_config.image_size,
-                                   text_max_len=self.model_config.text_max_len,
-                                   seed=self.config.seed)
+    def encode(self, params, modality: str, x: jax.Array) -> jax.Array:
+        """L2-normalised embeddings of images [N, H, W, C] or token ids [N, T]."""
+        return self._encode(self.model, params, modality, x)
 
-    def eval_step(self, params, batch, frozen):
-        out = {}
-        if "query" in batch:
-            embeds = self._embed(self.model, params, {k: batch[k] for k in ("query", "positive")})
-            out.update(embeds)
-            rows = embeds["query"].shape[0]
-            out.update({k: jnp.broadcast_to(v, (rows,)) for k, v in self._scalars(params).items()})
-        if "zs_image" in batch:
-            out["zs_image"] = self._encode(self.model, params, "image", batch["zs_image"])
-            out["zs_label"] = batch["zs_label"]
-        if "zs_prompt" in batch:
-            prompts = batch["zs_prompt"]  # [rows, templates, T]
-            flat = self._encode(self.model, params, "text", prompts.reshape(-1, prompts.shape[-1]))
-            out["zs_prompt"] = flat.reshape(*prompts.shape[:2], -1)
-            out["zs_class"] = batch["zs_class"]
-        return out
+    def pair_outputs(self, params, batch) -> dict[str, jax.Array]:
+        """Per pair: query and positive embeddings, and the model's logit scale (and bias)."""
+        embeds = self._embed(self.model, params, {k: batch[k] for k in ("query", "positive")})
+        rows = embeds["query"].shape[0]
+        return {**embeds, **{k: jnp.broadcast_to(v, (rows,))
+                             for k, v in self._scalars(params).items()}}
 
-    def eval_metrics(self, outputs) -> dict[str, float]:
-        c, m = self.config.contrastive, self.model_config
-        metrics: dict[str, float] = {}
-        if "query" in outputs:
-            q, p = outputs["query"], outputs["positive"]
-            names = {"i2t": ("i2t", "t2i"), "t2i": ("t2i", "i2t")}.get(c.mode, ("q2p", "p2q"))
-            metrics.update(retrieval_metrics(q, p, ks=(1, 5, 10), names=names))
-            scale = outputs["logit_scale"][0]
-            if c.loss == "siglip":
-                loss, _ = contrastive.siglip_loss(q, p, scale, outputs["logit_bias"][0],
-                                                  max_logit_scale=m.max_logit_scale)
-            else:
-                loss, _ = contrastive.info_nce_loss(q, p, scale, m.max_logit_scale,
-                                                    symmetric=c.symmetric)
-            metrics["loss"] = float(loss)
-            metrics["chance_recall@1"] = 1.0 / len(q)
-        if "zs_image" in outputs:
-            order = np.argsort(outputs["zs_class"])  # hosts interleave rows
-            metrics.update(zero_shot_metrics(outputs["zs_image"], outputs["zs_label"],
-                                             outputs["zs_prompt"][order]))
-        return {k: float(np.asarray(v)) for k, v in metrics.items()}
+    @property
+    def retrieval_names(self) -> tuple[str, str]:
+        """The two retrieval directions' names: query->positive first."""
+        return {"i2t": ("i2t", "t2i"), "t2i": ("t2i", "i2t")}.get(self.config.contrastive.mode,
+                                                                  ("q2p", "p2q"))
+
+    def pair_loss(self, outputs) -> float:
+        """The run's contrastive loss over all the pairs of `outputs` as one batch."""
+        scalars = {k: outputs[k][0] for k in ("logit_scale", "logit_bias") if k in outputs}
+        return float(self._contrastive(outputs["query"], outputs["positive"], scalars)[0])
 
     # ------------------------------------------------------------------ export
 
     def inference_inputs(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-        m = self.model_config
-        return {
-            "image": jax.ShapeDtypeStruct((batch_size, m.image_size, m.image_size, m.channels),
-                                          jnp.float32),
-            "text": jax.ShapeDtypeStruct((batch_size, m.text_max_len), jnp.int32),
-        }
+        """``image`` float32 [B, H, W, C] (preprocessed) and ``text`` int32 [B, text_max_len]."""
+        return self.family.inference_inputs(self.model_config, batch_size)
 
     def inference(self, params, frozen, inputs):
         """L2-normalised ``image_embeds`` / ``text_embeds`` of preprocessed images, token ids."""
-        out = self.model.apply({"params": params}, inputs["image"], inputs["text"])
-        return {"image_embeds": out["image_embeds"], "text_embeds": out["text_embeds"]}
-
-
-def zero_shot_metrics(image_embeds: np.ndarray, labels: np.ndarray,
-                      prompt_embeds: np.ndarray) -> dict[str, float]:
-    """Zero-shot classification (Radford et al. 2021): each class's text embedding is the
-    L2-normalised mean of its prompts' embeddings (one per template); an image is assigned the
-    class of highest cosine similarity.
-
-    Args:
-      image_embeds: ``[N, D]`` L2-normalised image embeddings.
-      labels: ``[N]`` int class ids.
-      prompt_embeds: ``[C, M, D]`` L2-normalised embeddings of M templates for C classes.
-
-    Returns ``zero_shot/accuracy`` (top-1), ``zero_shot/top5_accuracy`` when C > 5, and
-    ``zero_shot/chance`` (1 / C).
-    """
-    classes = np.asarray(prompt_embeds, np.float64).mean(axis=1)
-    classes /= np.maximum(np.linalg.norm(classes, axis=-1, keepdims=True), 1e-12)
-    scores = np.asarray(image_embeds, np.float64) @ classes.T  # [N, C]
-    labels = np.asarray(labels)
-    out = {"zero_shot/accuracy": float(np.mean(np.argmax(scores, axis=1) == labels)),
-           "zero_shot/chance": 1.0 / classes.shape[0]}
-    if classes.shape[0] > 5:
-        top5 = np.argsort(-scores, axis=1)[:, :5]
-        out["zero_shot/top5_accuracy"] = float(np.mean(np.any(top5 == labels[:, None], axis=1)))
-    return out
-
+        return self.family.inference(self.model_config, params, inputs)

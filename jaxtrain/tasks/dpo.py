@@ -20,7 +20,6 @@ rejected response tokens (with a reference model; precomputed log-probs cannot g
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Any
@@ -33,17 +32,12 @@ from absl import logging
 from ml_collections import config_dict
 
 from jaxtrain.config import ConfigError, base_config
+from jaxtrain.evaluators import eval_config
 from jaxtrain.losses.lm import token_kl
 from jaxtrain.losses.preference import LOSS_TYPES, preference_loss, sequence_logps
-from jaxtrain.models.llama import Llama, LlamaConfig, init_params
-from jaxtrain.tasks.base import Task, params_key
-from jaxtrain.tasks.lm import (
-    RUNTIME_FIELDS,
-    data_source,
-    load_lm_tokenizer,
-    load_weights,
-    model_config,
-)
+from jaxtrain.models.registry import CAUSAL_LM, get_model
+from jaxtrain.task import Task, params_key
+from jaxtrain.weights import load_pretrained
 
 SIDES = ("chosen", "rejected")
 ROW = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
@@ -57,7 +51,7 @@ class DPOTask(Task):
     def default_config(cls) -> ml_collections.ConfigDict:
         c = base_config()
         c.task = cls.name
-        model = dataclasses.asdict(LlamaConfig())
+        model = get_model("llama").default_config()  # model.name: any causal LM family
         model["attention_impl"] = config_dict.placeholder(str)
         c.model = ml_collections.ConfigDict(model)
         c.init_from = ""  # the starting policy: a jaxtrain workdir (e.g. runs/sft) or HF dir
@@ -75,6 +69,7 @@ class DPOTask(Task):
         c.dpo = ml_collections.ConfigDict(dict(
             beta=0.1, loss_type="sigmoid", label_smoothing=0.0, reference="model"))
         c.eval.batch_size = 64
+        c.evals.val = eval_config("preference")  # eval/val/rewards/accuracy, eval/val/loss, ...
         return c
 
     @classmethod
@@ -101,13 +96,15 @@ class DPOTask(Task):
                 f"dpo.label_smoothing ({config.dpo.label_smoothing}) applies to the 'sigmoid' and "
                 f"'robust' losses only, not {config.dpo.loss_type!r}: set it to 0."
             )
-        model = config.model.to_dict()
+        self.family = get_model(config.model.name, kind=CAUSAL_LM)
         self._init_weights = None
-        if config.init_from:
-            shape_cfg, self._init_weights = load_weights(config.init_from)
-            model = {**dataclasses.asdict(shape_cfg), **{k: model[k] for k in RUNTIME_FIELDS}}
-        self.model_config = model_config(model)
-        self.model = Llama(self.model_config)
+        if config.init_from:  # the weights give the model its shape; the config how to run it
+            shape, self._init_weights, _ = load_pretrained(config.init_from, self.family,
+                                                           "init_from")
+            self.model_config = self.family.pretrained_config(shape, config.model.to_dict())
+        else:
+            self.model_config = self.family.config(config.model.to_dict())
+        self.model = self.family.module(self.model_config)
         self.lora = bool(config.lora.rank)
         # A separate frozen copy only when needed: LoRA's base already is the start policy.
         self.keep_reference = config.dpo.reference == "model" and not self.lora
@@ -116,13 +113,13 @@ class DPOTask(Task):
     # ------------------------------------------------------------------ model
 
     def init_params(self, rng):
-        return init_params(self.model_config, rng)
+        return self.family.init(self.model_config, rng)
 
     def init_frozen(self, rng):
         if not self.keep_reference:
             return {}
         # the starting policy: the same init as the params (replaced by init_from's weights)
-        return {"reference": init_params(self.model_config, params_key(self.config.seed))}
+        return {"reference": self.family.init(self.model_config, params_key(self.config.seed))}
 
     def pretrained(self) -> dict[str, Any]:
         if self._init_weights is None:
@@ -144,9 +141,10 @@ class DPOTask(Task):
         logits, both = self._forward(params, batch)
         return _split(*sequence_logps(logits, both["targets"], both["loss_mask"]))
 
-    def _compare(self, params, batch, frozen) -> dict[str, jax.Array]:
-        """Policy and reference log-probs per pair, and the summed per-token KL(π ‖ π_ref) over
-        the response tokens (a reference model only: full distributions are needed)."""
+    def compare(self, params, batch, frozen) -> dict[str, jax.Array]:
+        """Per pair: policy and reference log-probs of chosen and rejected (``pc``, ``pr``,
+        ``rc``, ``rr``), response tokens, and the summed per-token KL(π ‖ π_ref) over the
+        response tokens (``kl``; a reference model only: full distributions are needed)."""
         logits, both = self._forward(params, batch)
         pc, pr, nc, nr = _split(*sequence_logps(logits, both["targets"], both["loss_mask"]))
         out = {"pc": pc, "pr": pr, "tokens": nc + nr}
@@ -167,7 +165,7 @@ class DPOTask(Task):
         return out
 
     def loss_fn(self, params, batch, rng, frozen):
-        o = self._compare(params, batch, frozen)
+        o = self.compare(params, batch, frozen)
         d = self.config.dpo
         loss, metrics = preference_loss(o["pc"], o["pr"], o["rc"], o["rr"], beta=d.beta,
                                         loss_type=d.loss_type, label_smoothing=d.label_smoothing)
@@ -175,29 +173,16 @@ class DPOTask(Task):
             metrics["kl"] = jnp.sum(o["kl"]) / jnp.maximum(jnp.sum(o["tokens"]), 1.0)
         return loss, metrics
 
-    def eval_step(self, params, batch, frozen):
-        return self._compare(params, batch, frozen)
-
-    def eval_metrics(self, outputs) -> dict[str, float]:
-        d = self.config.dpo
-        o = {k: jnp.asarray(v) for k, v in outputs.items()}
-        loss, metrics = preference_loss(o["pc"], o["pr"], o["rc"], o["rr"], beta=d.beta,
-                                        loss_type=d.loss_type, label_smoothing=d.label_smoothing)
-        out = {k: float(v) for k, v in metrics.items()}
-        out["loss"] = float(loss)
-        # the policy alone (no reference): how often it gives the chosen answer more probability
-        out["policy_prefers_chosen"] = float(np.mean(np.asarray(o["pc"] > o["pr"])))
-        if "kl" in outputs:
-            out["kl"] = float(np.sum(outputs["kl"]) / max(float(np.sum(outputs["tokens"])), 1.0))
-        return out
-
     def step_tokens(self, batch) -> int:
         return 2 * int(np.prod(batch["chosen_inputs"].shape))
 
     def model_flops_per_step(self, batch) -> float:
-        """Policy training on chosen + rejected rows, plus the reference's forward pass."""
+        """Policy training on chosen + rejected rows, plus the reference's forward pass (the
+        model family's FLOP formula; 0, XLA's count, for a family without one)."""
+        if self.family.flops_per_token is None:
+            return 0.0
         rows, length = batch["chosen_inputs"].shape
-        per_token = self.model_config.flops_per_token(length)
+        per_token = self.family.flops_per_token(self.model_config, length)
         flops = 2 * rows * length * per_token
         if self.config.dpo.reference == "model":
             flops += 2 * rows * length * per_token / 3
@@ -208,15 +193,18 @@ class DPOTask(Task):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
+            from jaxtrain.data.tokenizers import load_lm_tokenizer
+
             self._tokenizer = load_lm_tokenizer(self.config.data.tokenizer,
                                                 self.model_config.vocab_size)
         return self._tokenizer
 
-    def _rows(self, split: str) -> dict[str, np.ndarray]:
+    def _rows(self, split: str, source: str = "") -> dict[str, np.ndarray]:
         from jaxtrain.data import preference, text
+        from jaxtrain.data.sources import split_source
 
         d = self.config.data
-        source, split_name = data_source(d, split)
+        source, split_name = (source, "all") if source else split_source(d, split)
         limit = d.max_documents or None
         if source == preference.BUILTIN_PREFERENCE:
             limit = d.train_examples if split == "train" else d.eval_examples
@@ -271,10 +259,11 @@ class DPOTask(Task):
         return pipeline.train_iterator(pipeline.ArrayRows(rows), batch_size=batch_size, seed=seed,
                                        process_index=process_index, process_count=process_count)
 
-    def eval_batches(self, *, batch_size, process_index, process_count):
+    def heldout_batches(self, *, batch_size, process_index, process_count, source=""):
+        """The held-out preference pairs, or all pairs of `source`."""
         from jaxtrain.data import pipeline
 
-        return pipeline.eval_batches(pipeline.ArrayRows(self._rows("validation")),
+        return pipeline.eval_batches(pipeline.ArrayRows(self._rows("validation", source)),
                                      batch_size=batch_size,
                                      process_index=process_index, process_count=process_count)
 
@@ -283,14 +272,13 @@ class DPOTask(Task):
     def inference_inputs(self, batch_size: int,
                          seq_len: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
         """``tokens``: int32 [batch_size, seq_len] (default ``data.max_length``)."""
-        return {"tokens": jax.ShapeDtypeStruct(
-            (batch_size, seq_len or self.config.data.max_length), jnp.int32)}
+        return self.family.inference_inputs(self.model_config, batch_size,
+                                            seq_len or self.config.data.max_length)
 
     def inference(self, params, frozen, inputs):
         """The policy's ``logits`` float32 [B, T, V] of plain causal rows (positions 0..T-1);
         the reference is not part of inference."""
-        logits, _ = self.model.apply({"params": params}, inputs["tokens"])
-        return {"logits": logits}
+        return self.family.inference(self.model_config, params, inputs)
 
 
 def _split(a: jax.Array, b: jax.Array) -> tuple[jax.Array, ...]:

@@ -6,7 +6,10 @@ One task, chosen by config:
   document through the rows' segment ids.
 * ``data.kind='chat'``: conversations -> the tokenizer's chat template (ChatML when it has
   none) -> loss on assistant tokens only (``data.packing`` optional).
-* ``model.num_experts > 0``: MoE layers; the router losses join the loss with their
+* ``model.name``: the causal LM family (:mod:`jaxtrain.models.registry`; ``llama`` covers
+  Llama, Qwen2, Mistral).
+* ``model.num_experts > 0``: MoE layers; the model returns its router statistics and the
+  router losses (:func:`jaxtrain.losses.router.router_losses`) join the loss with their
   coefficients (``loss.load_balance``, ``loss.balance_deviation``, ``loss.router_z``).
 * ``distill.teacher``: a frozen teacher (a jaxtrain workdir or a Hugging Face directory);
   loss = ``alpha · T² KL + (1 − alpha) · CE``.
@@ -22,9 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -33,14 +36,14 @@ from absl import logging
 from ml_collections import config_dict
 
 from jaxtrain.config import ConfigError, base_config
+from jaxtrain.evaluators import eval_config
 from jaxtrain.losses.lm import distillation_loss, next_token_loss, token_cross_entropy
-from jaxtrain.models.llama import Llama, LlamaConfig, init_params
-from jaxtrain.tasks.base import Task
+from jaxtrain.losses.router import router_losses
+from jaxtrain.models.registry import CAUSAL_LM, get_model
+from jaxtrain.task import Task
+from jaxtrain.weights import load_pretrained
 
 ROW_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
-# LlamaConfig fields that describe how to run a model rather than what it is: kept from the
-# config when a model's shape comes from elsewhere (init_from, a teacher).
-RUNTIME_FIELDS = ("dtype", "remat_policy", "scan_layers", "attention_impl", "capacity_factor")
 
 
 def parse_curriculum(spec: str, seq_len: int) -> list[tuple[int, int]]:
@@ -78,13 +81,6 @@ def curriculum_transform(stages: list[tuple[int, int]]):
     return transform
 
 
-def model_config(d: dict) -> LlamaConfig:
-    try:
-        return LlamaConfig.from_dict(d)
-    except ValueError as e:
-        raise ConfigError(f"config.model: {e}") from None
-
-
 class LMTask(Task):
     name = "lm"
     activation_sharding = True
@@ -93,7 +89,7 @@ class LMTask(Task):
     def default_config(cls) -> ml_collections.ConfigDict:
         c = base_config()
         c.task = cls.name
-        model = dataclasses.asdict(LlamaConfig())
+        model = get_model("llama").default_config()  # model.name: any causal LM family
         model["attention_impl"] = config_dict.placeholder(str)
         c.model = ml_collections.ConfigDict(model)
         c.init_from = ""  # a Hugging Face model directory or a jaxtrain workdir
@@ -118,6 +114,7 @@ class LMTask(Task):
             z_loss=0.0, load_balance=0.01, balance_deviation=0.0, router_z=0.001))
         c.distill = ml_collections.ConfigDict(dict(teacher="", alpha=0.5, temperature=2.0))
         c.eval.batch_size = 64
+        c.evals.val = eval_config("perplexity")  # metrics eval/val/loss, eval/val/perplexity
         return c
 
     @classmethod
@@ -135,20 +132,23 @@ class LMTask(Task):
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
-        model = config.model.to_dict()
+        self.family = get_model(config.model.name, kind=CAUSAL_LM)
         self._init_weights = None
-        if config.init_from:
-            shape_cfg, self._init_weights = load_weights(config.init_from)
-            model = {**dataclasses.asdict(shape_cfg),
-                     **{k: model[k] for k in RUNTIME_FIELDS}}
-        self.model_config = model_config(model)
-        self.model = Llama(self.model_config)
+        if config.init_from:  # the weights give the model its shape; the config how to run it
+            shape, self._init_weights, _ = load_pretrained(config.init_from, self.family,
+                                                           "init_from")
+            self.model_config = self.family.pretrained_config(shape, config.model.to_dict())
+        else:
+            self.model_config = self.family.config(config.model.to_dict())
+        self.model = self.family.module(self.model_config)
         self.stages = parse_curriculum(config.data.curriculum, config.data.seq_len)
         self.teacher_config = None
         self._teacher_weights = None
         if config.distill.teacher:
-            t_cfg, self._teacher_weights = load_weights(config.distill.teacher)
-            runtime = {k: getattr(self.model_config, k) for k in RUNTIME_FIELDS
+            t_cfg, self._teacher_weights, _ = load_pretrained(
+                config.distill.teacher, self.family, "distill.teacher")
+            # run like the student, but route as trained (capacity decides what MoE computes)
+            runtime = {k: getattr(self.model_config, k) for k in self.family.runtime_fields
                        if k != "capacity_factor"}
             self.teacher_config = dataclasses.replace(t_cfg, **runtime)
             if self.teacher_config.vocab_size != self.model_config.vocab_size:
@@ -158,18 +158,18 @@ class LMTask(Task):
                     ": distillation compares logits token by token, so they must match "
                     "(set model.vocab_size)."
                 )
-            self.teacher = Llama(self.teacher_config)
+            self.teacher = self.family.module(self.teacher_config)
         self._tokenizer = None
 
     # ------------------------------------------------------------------ model
 
     def init_params(self, rng: jax.Array) -> Any:
-        return init_params(self.model_config, rng)
+        return self.family.init(self.model_config, rng)
 
     def init_frozen(self, rng: jax.Array) -> Any:
         if self.teacher_config is None:
             return {}
-        return {"teacher": init_params(self.teacher_config, rng)}
+        return {"teacher": self.family.init(self.teacher_config, rng)}
 
     def pretrained(self) -> dict[str, Any]:
         weights = {}
@@ -179,7 +179,7 @@ class LMTask(Task):
             weights["frozen"] = {"teacher": self._teacher_weights}
         return weights
 
-    def _apply(self, model: Llama, params, batch):
+    def _apply(self, model: nn.Module, params, batch):
         # Synthetic rows are one document each: plain causal attention, no mask array (the
         # fast cuDNN path on GPU).
         segments = None if self.config.data.kind == "synthetic" else batch["segment_ids"]
@@ -199,26 +199,31 @@ class LMTask(Task):
             if not c.loss.z_loss:
                 metrics.pop("z_loss")
         metrics["perplexity"] = jnp.exp(metrics["ce"])
-        if self.model_config.num_experts:
+        if "router_logits" in aux:  # MoE layers: the router losses join with their coefficients
+            router = router_losses(aux["router_logits"], aux["expert_index"])
             for name in ("load_balance", "balance_deviation", "router_z"):
                 coef = c.loss[name]
                 if coef:
-                    loss = loss + coef * aux[name]
-                metrics[f"moe/{name}"] = aux[name]
-            metrics["moe/expert_load"] = aux["expert_load"]
-            metrics["moe/dropped_fraction"] = aux["dropped_fraction"]
+                    loss = loss + coef * router[name]
+                metrics[f"moe/{name}"] = router[name]
+            metrics["moe/expert_load"] = router["expert_load"]
+            metrics["moe/dropped_fraction"] = jnp.mean(aux["dropped_fraction"])
         return loss, metrics
 
     def step_tokens(self, batch) -> int:
         return int(np.prod(batch["inputs"].shape))
 
     def model_flops_per_step(self, batch) -> float:
-        """``tokens · flops_per_token(length)`` (LlamaConfig.flops_per_token), plus the
-        teacher's forward pass (a third of its training FLOPs) when distilling."""
+        """``tokens · flops_per_token(length)`` (the model family's formula, e.g.
+        LlamaConfig.flops_per_token), plus the teacher's forward pass (a third of its training
+        FLOPs) when distilling; 0 (XLA's count) for a family without a formula."""
+        per_token = self.family.flops_per_token
+        if per_token is None:
+            return 0.0
         rows, length = batch["inputs"].shape
-        flops = rows * length * self.model_config.flops_per_token(length)
+        flops = rows * length * per_token(self.model_config, length)
         if self.teacher_config is not None:
-            flops += rows * length * self.teacher_config.flops_per_token(length) / 3
+            flops += rows * length * per_token(self.teacher_config, length) / 3
         return flops
 
     # ------------------------------------------------------------------ data
@@ -226,19 +231,22 @@ class LMTask(Task):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
+            from jaxtrain.data.tokenizers import load_lm_tokenizer
+
             self._tokenizer = load_lm_tokenizer(self.config.data.tokenizer,
                                                 self.model_config.vocab_size)
         return self._tokenizer
 
-    def _rows(self, split: str) -> dict[str, np.ndarray]:
+    def _rows(self, split: str, source: str = "") -> dict[str, np.ndarray]:
         d = self.config.data
         if d.kind == "synthetic":
             return _synthetic_rows(d.train_examples if split == "train" else d.eval_examples,
                                    d.seq_len, self.model_config.vocab_size,
                                    seed=self.config.seed + (split != "train"))
         from jaxtrain.data import text
+        from jaxtrain.data.sources import split_source
 
-        source, split_name = data_source(d, split)
+        source, split_name = (source, "all") if source else split_source(d, split)
         tok = self.tokenizer
         limit = d.max_documents or None
         if d.kind == "text":
@@ -282,61 +290,37 @@ class LMTask(Task):
             transform=curriculum_transform(self.stages) if self.stages else None,
         )
 
-    def eval_batches(self, *, batch_size, process_index, process_count):
+    def heldout_batches(self, *, batch_size, process_index, process_count, source=""):
+        """The held-out rows (at most `data.eval_rows` of them), or all rows of `source`."""
         from jaxtrain.data import pipeline
         from jaxtrain.data.text import TokenRows
 
-        rows = self._rows("validation")
+        rows = self._rows("validation", source)
         if self.config.data.eval_rows:
             rows = {k: v[: self.config.data.eval_rows] for k, v in rows.items()}
         return pipeline.eval_batches(TokenRows(rows), batch_size=batch_size,
                                      process_index=process_index, process_count=process_count)
 
-    def eval_step(self, params, batch, frozen):
+    def token_nll(self, params, batch):
+        """Per row: summed next-token NLL over the loss-masked tokens (``nll``) and their
+        count (``tokens``), for the perplexity evaluator."""
         logits, _ = self._apply(self.model, params, batch)
         nll, _ = token_cross_entropy(logits, batch["targets"])
         mask = batch["loss_mask"].astype(jnp.float32)
         return {"nll": jnp.sum(nll * mask, axis=-1), "tokens": jnp.sum(mask, axis=-1)}
-
-    def eval_metrics(self, outputs) -> dict[str, float]:
-        tokens = float(np.sum(outputs["tokens"]))
-        loss = float(np.sum(outputs["nll"])) / max(tokens, 1.0)
-        return {"loss": loss, "perplexity": float(np.exp(loss)), "tokens": tokens}
 
     # ------------------------------------------------------------------ inference
 
     def inference_inputs(self, batch_size: int,
                          seq_len: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
         """``tokens``: int32 [batch_size, seq_len] (default ``data.seq_len``)."""
-        return {"tokens": jax.ShapeDtypeStruct((batch_size, seq_len or self.config.data.seq_len),
-                                               jnp.int32)}
+        return self.family.inference_inputs(self.model_config, batch_size,
+                                            seq_len or self.config.data.seq_len)
 
     def inference(self, params, frozen, inputs):
         """``logits`` float32 [B, T, V] of plain causal rows (positions 0..T-1, one document
         per row; a teacher in ``frozen`` is not used)."""
-        logits, _ = self.model.apply({"params": params}, inputs["tokens"])
-        return {"logits": logits}
-
-
-def data_source(data: ml_collections.ConfigDict, split: str) -> tuple[str, str]:
-    """(source, split to read) for `split`: a separate `data.eval_source` is read whole."""
-    if split != "train" and data.eval_source:
-        return data.eval_source, "all"
-    return data.source, split
-
-
-def load_lm_tokenizer(name: str, vocab_size: int):
-    """`data.tokenizer`, checked against the model's vocabulary."""
-    from jaxtrain.data.tokenizers import load_tokenizer
-
-    tok = load_tokenizer(name)
-    if len(tok) > vocab_size:
-        raise ConfigError(
-            f"Tokenizer {name!r} has {len(tok)} tokens but model.vocab_size is {vocab_size}: set "
-            f"model.vocab_size >= {len(tok)} (rounded up to a multiple of 128, e.g. "
-            f"{-(-len(tok) // 128) * 128})."
-        )
-    return tok
+        return self.family.inference(self.model_config, params, inputs)
 
 
 def _synthetic_rows(n: int, seq_len: int, vocab: int, seed: int) -> dict[str, np.ndarray]:
@@ -348,27 +332,4 @@ def _synthetic_rows(n: int, seq_len: int, vocab: int, seed: int) -> dict[str, np
         "segment_ids": np.ones((n, seq_len), np.int32),
         "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (n, seq_len)).copy(),
     }
-
-
-def load_weights(path: str) -> tuple[LlamaConfig, Any]:
-    """(model config, params as numpy) from a Hugging Face directory (config.json +
-    safetensors) or a jaxtrain workdir."""
-    if not os.path.exists(path):
-        raise ConfigError(f"{path!r} (init_from / distill.teacher) does not exist: give a "
-                          "Hugging Face model directory or a jaxtrain workdir (runs/lm and "
-                          "runs/sft are what `python -m jaxtrain.main --config=configs/lm.py` "
-                          "and `--config=configs/sft.py` write).")
-    if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(
-            os.path.join(path, "checkpoints")):
-        from jaxtrain.hf.llama import load_hf
-
-        cfg, params = load_hf(path)
-        return cfg, params
-    from jaxtrain.checkpoint import read_params
-
-    saved, params = read_params(path)
-    if saved.get("task") not in (LMTask.name, "dpo"):
-        raise ConfigError(f"{path!r} holds a {saved.get('task')!r} run, not a language model.")
-    model = saved["model"]
-    return model_config(model), params
 

@@ -1,0 +1,93 @@
+"""Pretrained weights, one way in: ``init_from``, ``distill.teacher`` and DPO's reference all
+load through :func:`load_pretrained`, from either
+
+* a Hugging Face model directory (``config.json`` + safetensors), converted by the model
+  family that reads its ``model_type`` (:func:`jaxtrain.models.registry.family_for_hf_dir`), or
+* a jaxtrain workdir (or a checkpoint / step directory in it): its newest checkpoint, with a
+  LoRA run's adapters merged into its base weights (:func:`read_run`).
+
+Both give the model's config, its params as host numpy arrays, and the data settings the
+weights imply (their tokenizer, a CLIP model's image normalisation: the family's
+``data_keys``), which a run starting from them may adopt.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import ml_collections
+
+from jaxtrain.checkpoint import read_state
+from jaxtrain.errors import ConfigError
+from jaxtrain.lora import merged_state_params
+from jaxtrain.models.registry import ModelFamily, family_for_hf_dir, get_model
+
+
+class Pretrained(NamedTuple):
+    """What :func:`load_pretrained` returns."""
+
+    config: Any  # the model's config (an instance of the family's config_cls)
+    params: Any  # host numpy arrays, nested like the model's params
+    data: dict[str, Any]  # `config.data` settings the weights imply (tokenizer, image mean/std)
+
+
+def is_hf_dir(path: str) -> bool:
+    """A Hugging Face model directory (a ``config.json``), not a jaxtrain workdir."""
+    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(
+        os.path.join(path, "checkpoints"))
+
+
+def read_run(path: str) -> tuple[dict, Any]:
+    """(config dict, params as host numpy arrays) of a jaxtrain run's newest checkpoint (see
+    :func:`jaxtrain.checkpoint.read_state` for the paths it takes). A LoRA run's adapters are
+    merged into its base weights, so the params are always the whole model's."""
+    config, state = read_state(path)
+    lora = config.get("lora", {})
+    if lora.get("rank"):
+        return config, merged_state_params(state, ml_collections.ConfigDict(lora))
+    return config, state["params"]
+
+
+def run_family(config: Mapping[str, Any]) -> ModelFamily:
+    """The model family of a saved run's config: its ``model.name``; a run saved before
+    ``model.name`` existed has its task's default model."""
+    name = config.get("model", {}).get("name")
+    if not name:
+        from jaxtrain.tasks import get_task
+
+        name = get_task(config.get("task", "")).default_config().model.name
+    return get_model(name)
+
+
+def load_pretrained(path: str, family: ModelFamily, what: str) -> Pretrained:
+    """The weights at ``path`` (a Hugging Face directory or a jaxtrain workdir) for a model of
+    ``family``. ``what`` names the config key that gave the path (``init_from``,
+    ``distill.teacher``), for the errors: a ConfigError when the path does not exist, holds no
+    checkpoint, or holds another family's model."""
+    if not os.path.exists(path):
+        raise ConfigError(
+            f"{what} {path!r} does not exist: give a jaxtrain {family.title} workdir (the "
+            f"--workdir of a `python -m jaxtrain.main` run with model.name={family.name!r}) or "
+            f"a Hugging Face {family.title} directory (config.json + model.safetensors).")
+    if is_hf_dir(path):
+        found = family_for_hf_dir(path, default=family)
+        if found.name != family.name:
+            raise ConfigError(
+                f"{what} {path!r} is a Hugging Face {found.title} (model family "
+                f"{found.name!r}), not a {family.title} (model.name {family.name!r}).")
+        cfg, params = family.load_hf(path)
+        return Pretrained(cfg, params, family.hf_data_settings(path))
+    try:
+        saved, params = read_run(path)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{what} {path!r}: {e}") from None
+    found = run_family(saved)
+    if found.name != family.name:
+        raise ConfigError(
+            f"{what} {path!r} holds a {saved.get('task')!r} run of a {found.title} (model.name "
+            f"{found.name!r}), not a {family.title} (model.name {family.name!r}).")
+    saved_data = saved.get("data", {})
+    data = {k: saved_data[k] for k in family.data_keys if k in saved_data}
+    return Pretrained(family.config(saved["model"]), params, data)
