@@ -32,7 +32,7 @@ def build_task(config: ml_collections.ConfigDict,
     `config.task` names, validated against its defaults; wrapped in LoRA when `lora.rank > 0`
     (the two are then different: evaluators run on the model's own)."""
     task_cls = task or get_task(config.task)
-    validate(config, task_cls.default_config(), task_cls.config_rules())
+    validate(config, task_cls.schema(config), task_cls.config_rules())
     inner = task_cls(config)
     return (LoraTask(inner) if config.lora.rank else inner), inner
 

@@ -42,6 +42,12 @@ class Task(abc.ABC):
         default `evals`)."""
 
     @classmethod
+    def schema(cls, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        """The keys, types and defaults `config` is checked against: :meth:`default_config`,
+        which a task may fit to the config (the `model` keys of the model family it names)."""
+        return cls.default_config()
+
+    @classmethod
     def config_rules(cls) -> list[Rule]:
         """Extra (key, predicate, rule text) checks on the task's own config keys."""
         return []

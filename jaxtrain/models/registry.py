@@ -142,6 +142,16 @@ def get_model(name: str, kind: str | None = None) -> ModelFamily:
     return family
 
 
+def model_schema(default: Mapping[str, Any], model: Mapping[str, Any], kind: str) -> dict:
+    """The keys and defaults a run's ``config.model`` is checked against: the task's
+    ``default`` block when ``model`` names its family (or no family), else the defaults of the
+    family ``model["name"]`` names (which must be of ``kind``)."""
+    name = model.get("name") or default["name"]
+    if name == default["name"]:
+        return dict(default)
+    return get_model(name, kind=kind).default_config()
+
+
 def model_names() -> list[str]:
     """The registered ``config.model.name`` values."""
     return MODELS.names()

@@ -225,7 +225,7 @@ def _validate_grid(sweep: Sweep, config: ml_collections.ConfigDict,
                    task: type[Task] | None) -> None:
     """Every grid combination must pass the task's config validation (cheap: no JAX)."""
     task_cls = task or get_task(config.task)  # an unknown task is a ConfigError naming it
-    schema, rules = task_cls.default_config(), task_cls.config_rules()
+    schema, rules = task_cls.schema(config), task_cls.config_rules()
     for index in range(sweep.size):
         params = sweep.params(index)
         try:

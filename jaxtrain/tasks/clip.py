@@ -43,7 +43,7 @@ from jaxtrain.evaluators import eval_config
 from jaxtrain.grad_cache import gradient_cache
 from jaxtrain.losses import contrastive
 from jaxtrain.models.layers import l2_normalize
-from jaxtrain.models.registry import DUAL_ENCODER, get_model
+from jaxtrain.models.registry import DUAL_ENCODER, get_model, model_schema
 from jaxtrain.task import Task
 from jaxtrain.weights import load_pretrained
 
@@ -80,6 +80,13 @@ class ClipTask(Task):
         c.eval.batch_size = 128
         c.evals.retrieval = eval_config("retrieval")  # eval/retrieval/i2t/recall@1, ...
         c.evals.zero_shot = eval_config("zero_shot")  # eval/zero_shot/accuracy
+        return c
+
+    @classmethod
+    def schema(cls, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        """The defaults, with the `model` keys of the family `model.name` names."""
+        c = cls.default_config()
+        c.model = ml_collections.ConfigDict(model_schema(c.model, config.model, DUAL_ENCODER))
         return c
 
     @classmethod

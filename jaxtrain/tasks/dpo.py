@@ -35,7 +35,7 @@ from jaxtrain.config import ConfigError, base_config
 from jaxtrain.evaluators import eval_config
 from jaxtrain.losses.lm import token_kl
 from jaxtrain.losses.preference import LOSS_TYPES, preference_loss, sequence_logps
-from jaxtrain.models.registry import CAUSAL_LM, get_model
+from jaxtrain.models.registry import CAUSAL_LM, get_model, model_schema
 from jaxtrain.task import Task, params_key
 from jaxtrain.weights import load_pretrained
 
@@ -70,6 +70,13 @@ class DPOTask(Task):
             beta=0.1, loss_type="sigmoid", label_smoothing=0.0, reference="model"))
         c.eval.batch_size = 64
         c.evals.val = eval_config("preference")  # eval/val/rewards/accuracy, eval/val/loss, ...
+        return c
+
+    @classmethod
+    def schema(cls, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        """The defaults, with the `model` keys of the family `model.name` names."""
+        c = cls.default_config()
+        c.model = ml_collections.ConfigDict(model_schema(c.model, config.model, CAUSAL_LM))
         return c
 
     @classmethod

@@ -39,7 +39,7 @@ from jaxtrain.config import ConfigError, base_config
 from jaxtrain.evaluators import eval_config
 from jaxtrain.losses.lm import distillation_loss, next_token_loss, token_cross_entropy
 from jaxtrain.losses.router import router_losses
-from jaxtrain.models.registry import CAUSAL_LM, get_model
+from jaxtrain.models.registry import CAUSAL_LM, get_model, model_schema
 from jaxtrain.task import Task
 from jaxtrain.weights import load_pretrained
 
@@ -115,6 +115,13 @@ class LMTask(Task):
         c.distill = ml_collections.ConfigDict(dict(teacher="", alpha=0.5, temperature=2.0))
         c.eval.batch_size = 64
         c.evals.val = eval_config("perplexity")  # metrics eval/val/loss, eval/val/perplexity
+        return c
+
+    @classmethod
+    def schema(cls, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        """The defaults, with the `model` keys of the family `model.name` names."""
+        c = cls.default_config()
+        c.model = ml_collections.ConfigDict(model_schema(c.model, config.model, CAUSAL_LM))
         return c
 
     @classmethod
