@@ -2,7 +2,7 @@
 
 from jaxtrain.api import Trainer, build_task, train
 from jaxtrain.config import ConfigError, base_config
-from jaxtrain.evaluator import Evaluator
+from jaxtrain.evaluator import Evaluator, HeldoutEvaluator
 from jaxtrain.evaluators import eval_config, register_evaluator
 from jaxtrain.hooks import CheckpointSaveError, Hook, Loop, NonFiniteError
 from jaxtrain.models import ModelFamily, get_model, register_model
@@ -14,8 +14,8 @@ from jaxtrain.trainer import TrainResult
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointSaveError", "ConfigError", "Evaluator", "Hook", "Loop", "ModelFamily",
-    "NonFiniteError", "Task", "TrainResult", "TrainState", "Trainer", "base_config", "build_task",
-    "eval_config", "get_model", "get_task", "register_evaluator", "register_model",
+    "CheckpointSaveError", "ConfigError", "Evaluator", "HeldoutEvaluator", "Hook", "Loop",
+    "ModelFamily", "NonFiniteError", "Task", "TrainResult", "TrainState", "Trainer", "base_config",
+    "build_task", "eval_config", "get_model", "get_task", "register_evaluator", "register_model",
     "register_task", "train",
 ]

@@ -74,6 +74,22 @@ class Evaluator(abc.ABC):
         """Host side: metrics from the valid rows of all batches, concatenated."""
 
 
+class HeldoutEvaluator(Evaluator):
+    """An evaluator of the task's held-out split (`Task.heldout_batches`), or of the dataset
+    its `source` key names, read whole."""
+
+    requires = ("heldout_batches",)
+
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        # source: '' = the task's held-out split; else a local file/directory or hub dataset.
+        return ml_collections.ConfigDict(dict(source=""))
+
+    def batches(self, *, batch_size, process_index, process_count):
+        return self.task.heldout_batches(batch_size=batch_size, process_index=process_index,
+                                         process_count=process_count, source=self.config.source)
+
+
 def evaluator_schema(cls: type[Evaluator]) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({**COMMON_KEYS, "type": cls.type,
                                       **cls.default_config().to_dict()})

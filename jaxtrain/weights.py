@@ -50,6 +50,18 @@ def read_run(path: str) -> tuple[dict, Any]:
     return config, state["params"]
 
 
+def starting_model(family: ModelFamily, model: Mapping[str, Any],
+                   init_from: str) -> tuple[Any, Any, dict[str, Any]]:
+    """(model config, params or None, data settings) a run starts from: the config's own model
+    with a random init (params None), or with `init_from` the weights' shape and params (the
+    config says only how to run it: the family's runtime fields) and what they imply of the
+    data."""
+    if not init_from:
+        return family.config(model), None, {}
+    shape, params, data = load_pretrained(init_from, family, "init_from")
+    return family.pretrained_config(shape, model), params, data
+
+
 def run_family(config: Mapping[str, Any]) -> ModelFamily:
     """The model family of a saved run's config: its ``model.name``; a run saved before
     ``model.name`` existed has its task's default model."""

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import jaxtrain
-from jaxtrain import ConfigError, Evaluator, ModelFamily
+from jaxtrain import ConfigError, HeldoutEvaluator, ModelFamily
 
 from .test_lm_task import load_config
 
@@ -61,7 +61,7 @@ BIGRAM = ModelFamily(
 )
 
 
-class BitsPerToken(Evaluator):
+class BitsPerToken(HeldoutEvaluator):
     """Held-out cross-entropy in bits (or another `base`) per scored token."""
 
     type = "toy_bits_per_token"
@@ -69,15 +69,13 @@ class BitsPerToken(Evaluator):
 
     @classmethod
     def default_config(cls):
-        return ml_collections.ConfigDict(dict(base=2.0))
+        c = super().default_config()  # source: '' = the task's held-out rows
+        c.base = 2.0
+        return c
 
     @classmethod
     def config_rules(cls, prefix):
         return [(prefix + "base", lambda v: v > 1, "must be > 1")]
-
-    def batches(self, *, batch_size, process_index, process_count):
-        return self.task.heldout_batches(batch_size=batch_size, process_index=process_index,
-                                         process_count=process_count)
 
     def step(self, params, batch, frozen):
         return self.task.token_nll(params, batch)

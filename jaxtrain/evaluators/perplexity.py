@@ -8,25 +8,14 @@ not scored). Metrics: ``loss``, ``perplexity``, ``tokens`` (scored tokens).
 
 from __future__ import annotations
 
-import ml_collections
 import numpy as np
 
-from jaxtrain.evaluator import Evaluator
+from jaxtrain.evaluator import HeldoutEvaluator
 
 
-class PerplexityEvaluator(Evaluator):
+class PerplexityEvaluator(HeldoutEvaluator):
     type = "perplexity"
     requires = ("heldout_batches", "token_nll")
-
-    @classmethod
-    def default_config(cls) -> ml_collections.ConfigDict:
-        # source: '' = the task's held-out split (data.eval_source or the held-out part of
-        # data.source); else a local file/directory or hub dataset, read whole.
-        return ml_collections.ConfigDict(dict(source=""))
-
-    def batches(self, *, batch_size, process_index, process_count):
-        return self.task.heldout_batches(batch_size=batch_size, process_index=process_index,
-                                         process_count=process_count, source=self.config.source)
 
     def step(self, params, batch, frozen):
         return self.task.token_nll(params, batch)

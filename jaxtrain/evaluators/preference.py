@@ -9,25 +9,15 @@ how often the policy alone gives the chosen answer the higher log-probability, a
 from __future__ import annotations
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from jaxtrain.evaluator import Evaluator
+from jaxtrain.evaluator import HeldoutEvaluator
 from jaxtrain.losses.preference import preference_loss
 
 
-class PreferenceEvaluator(Evaluator):
+class PreferenceEvaluator(HeldoutEvaluator):
     type = "preference"
     requires = ("heldout_batches", "compare")
-
-    @classmethod
-    def default_config(cls) -> ml_collections.ConfigDict:
-        # source: '' = the task's held-out pairs; else a dataset of pairs read whole.
-        return ml_collections.ConfigDict(dict(source=""))
-
-    def batches(self, *, batch_size, process_index, process_count):
-        return self.task.heldout_batches(batch_size=batch_size, process_index=process_index,
-                                         process_count=process_count, source=self.config.source)
 
     def step(self, params, batch, frozen):
         return self.task.compare(params, batch, frozen)

@@ -12,27 +12,24 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxtrain.evaluator import Evaluator
+from jaxtrain.evaluator import HeldoutEvaluator
 from jaxtrain.metrics.retrieval import retrieval_metrics
 
 
-class RetrievalEvaluator(Evaluator):
+class RetrievalEvaluator(HeldoutEvaluator):
     type = "retrieval"
     requires = ("heldout_batches", "pair_outputs", "pair_loss", "retrieval_names")
 
     @classmethod
     def default_config(cls) -> ml_collections.ConfigDict:
-        # source: '' = the task's held-out pairs (data.*); else a dataset of pairs read whole.
-        return ml_collections.ConfigDict(dict(source="", ks=(1, 5, 10)))
+        c = super().default_config()  # source: '' = the held-out pairs of `data.*`
+        c.ks = (1, 5, 10)  # recall@k for each k
+        return c
 
     @classmethod
     def config_rules(cls, prefix: str):
         return [(prefix + "ks", lambda v: len(v) > 0 and all(k >= 1 for k in v),
                  "must be a non-empty list of ranks >= 1")]
-
-    def batches(self, *, batch_size, process_index, process_count):
-        return self.task.heldout_batches(batch_size=batch_size, process_index=process_index,
-                                         process_count=process_count, source=self.config.source)
 
     def step(self, params, batch, frozen):
         return self.task.pair_outputs(params, batch)

@@ -37,7 +37,7 @@ from jaxtrain.losses.lm import token_kl
 from jaxtrain.losses.preference import LOSS_TYPES, preference_loss, sequence_logps
 from jaxtrain.models.registry import CAUSAL_LM, get_model, model_schema
 from jaxtrain.task import Task, params_key
-from jaxtrain.weights import load_pretrained
+from jaxtrain.weights import starting_model
 
 SIDES = ("chosen", "rejected")
 ROW = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
@@ -104,13 +104,8 @@ class DPOTask(Task):
                 f"'robust' losses only, not {config.dpo.loss_type!r}: set it to 0."
             )
         self.family = get_model(config.model.name, kind=CAUSAL_LM)
-        self._init_weights = None
-        if config.init_from:  # the weights give the model its shape; the config how to run it
-            shape, self._init_weights, _ = load_pretrained(config.init_from, self.family,
-                                                           "init_from")
-            self.model_config = self.family.pretrained_config(shape, config.model.to_dict())
-        else:
-            self.model_config = self.family.config(config.model.to_dict())
+        self.model_config, self._init_weights, _ = starting_model(
+            self.family, config.model.to_dict(), config.init_from)
         self.model = self.family.module(self.model_config)
         self.lora = bool(config.lora.rank)
         # A separate frozen copy only when needed: LoRA's base already is the start policy.

@@ -41,7 +41,7 @@ from jaxtrain.losses.lm import distillation_loss, next_token_loss, token_cross_e
 from jaxtrain.losses.router import router_losses
 from jaxtrain.models.registry import CAUSAL_LM, get_model, model_schema
 from jaxtrain.task import Task
-from jaxtrain.weights import load_pretrained
+from jaxtrain.weights import load_pretrained, starting_model
 
 ROW_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -140,13 +140,8 @@ class LMTask(Task):
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
         self.family = get_model(config.model.name, kind=CAUSAL_LM)
-        self._init_weights = None
-        if config.init_from:  # the weights give the model its shape; the config how to run it
-            shape, self._init_weights, _ = load_pretrained(config.init_from, self.family,
-                                                           "init_from")
-            self.model_config = self.family.pretrained_config(shape, config.model.to_dict())
-        else:
-            self.model_config = self.family.config(config.model.to_dict())
+        self.model_config, self._init_weights, _ = starting_model(
+            self.family, config.model.to_dict(), config.init_from)
         self.model = self.family.module(self.model_config)
         self.stages = parse_curriculum(config.data.curriculum, config.data.seq_len)
         self.teacher_config = None
