@@ -28,12 +28,12 @@ from jaxtrain.hf.clip import (  # noqa: E402
     config_to_hf,
     image_preprocessing_from_hf,
     load_hf,
-    load_tokenizer,
     params_from_hf,
     params_to_hf,
     save_hf,
 )
 from jaxtrain.models.clip import CLIP, ClipConfig, eos_positions, pooling_positions  # noqa: E402
+from jaxtrain.tokenizer_files import load_pretrained_tokenizer as load_tokenizer  # noqa: E402
 
 TOL = {"rtol": 0, "atol": 1e-5}
 EOS = 7  # the non-legacy EOS id: not the highest id, so argmax pooling would be wrong

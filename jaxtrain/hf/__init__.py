@@ -6,7 +6,7 @@ decoders (:mod:`jaxtrain.hf.llama`); CLIP has its own module, :mod:`jaxtrain.hf.
 """
 
 from jaxtrain.hf import clip
-from jaxtrain.hf.clip import image_preprocessing_from_hf, load_tokenizer
+from jaxtrain.hf.clip import image_preprocessing_from_hf
 from jaxtrain.hf.clip import load_hf as load_clip_hf
 from jaxtrain.hf.clip import save_hf as save_clip_hf
 from jaxtrain.hf.llama import (
@@ -20,5 +20,5 @@ from jaxtrain.hf.llama import (
 
 __all__ = [
     "config_from_hf", "config_to_hf", "load_hf", "params_from_hf", "params_to_hf", "save_hf",
-    "clip", "image_preprocessing_from_hf", "load_clip_hf", "load_tokenizer", "save_clip_hf",
+    "clip", "image_preprocessing_from_hf", "load_clip_hf", "save_clip_hf",
 ]

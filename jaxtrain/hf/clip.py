@@ -57,7 +57,7 @@ Example::
     cfg, params = load_hf("/ckpt/clip-vit-base-patch32", dtype="bfloat16")
     emb = CLIP(cfg).apply({"params": params}, images_nhwc, method=CLIP.encode_image)
     prep = image_preprocessing_from_hf("/ckpt/clip-vit-base-patch32")  # resize, crop, mean, std
-    tok = load_tokenizer("/ckpt/clip-vit-base-patch32")
+    tok = load_pretrained_tokenizer("/ckpt/clip-vit-base-patch32")  # jaxtrain.tokenizer_files
     save_hf("/tmp/export", params, cfg, image_preprocessing=prep, tokenizer=tok)
 
 Images are NHWC for jaxtrain (transformers' ``pixel_values`` are NCHW).
@@ -90,7 +90,7 @@ from jaxtrain.hf.files import (
     write_state,
 )
 from jaxtrain.models.clip import ClipConfig
-from jaxtrain.tokenizer_files import has_tokenizer_files, load_pretrained_tokenizer
+from jaxtrain.tokenizer_files import has_tokenizer_files
 
 Params = dict[str, Any]
 
@@ -593,10 +593,6 @@ def load_hf(path: str | os.PathLike[str], **overrides: Any) -> tuple[ClipConfig,
         raise ValueError(f"{path}: {e}") from e
     return cfg, params
 
-
-# The tokenizer saved with a checkpoint, loaded by the one Hugging Face tokenizer loader (a local
-# directory, or a hub name); a directory without tokenizer files is a FileNotFoundError.
-load_tokenizer = load_pretrained_tokenizer
 
 
 def _check_tokenizer(tokenizer: Any, cfg: ClipConfig) -> None:
