@@ -225,3 +225,23 @@ def test_unwritable_or_full_workdir_fails_before_training(tmp_path, monkeypatch)
     with pytest.raises(ConfigError, match=r"0\.0 MiB free, less than two checkpoints"):
         Trainer(toy_task.config(), tmp_path / "run").train()
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+class _ShapeBugTask(toy_task.RegressionTask):
+    """A task whose loss cannot be traced with this config (a shape mismatch it only finds
+    while the step is built)."""
+
+    name = "toy_shape_bug"
+
+    def loss_fn(self, params, batch, rng, frozen):
+        return jax.numpy.dot(batch["x"], batch["x"]).sum(), {}
+
+
+def test_an_error_while_building_the_step_is_a_config_error(tmp_path):
+    """A ValueError/TypeError raised while the step is traced and compiled comes from the config
+    (task, model, data shapes, mesh): a ConfigError (exit code 2 from the CLI) that names the
+    batch shapes, the mesh and the original error."""
+    trainer = Trainer(toy_task.config(), str(tmp_path), task=_ShapeBugTask)
+    with pytest.raises(ConfigError, match=r"Building the train step for batch \{'x': \(32, 8\), "
+                                          r"'y': \(32,\)\} on mesh .*TypeError: .*dot"):
+        trainer.train()
