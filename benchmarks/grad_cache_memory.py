@@ -19,8 +19,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxtrain.mesh import batch_sharding
 from jaxtrain import Trainer
+from jaxtrain.mesh import batch_sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
 _BATCHES = flags.DEFINE_list("batches", ["1024", "4096", "16384"], "Global batch sizes.")

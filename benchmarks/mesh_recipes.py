@@ -21,8 +21,8 @@ import jax
 from absl import app
 from ml_collections import config_flags
 
-from jaxtrain.mesh import shard_batch
 from jaxtrain import Trainer
+from jaxtrain.mesh import shard_batch
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 

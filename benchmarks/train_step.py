@@ -21,8 +21,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxtrain.mesh import batch_sharding, shard_batch
 from jaxtrain import Trainer
+from jaxtrain.mesh import batch_sharding, shard_batch
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")

@@ -1,4 +1,5 @@
-"""The command line end to end: the tiny CLIP variant trains, evaluates, checkpoints, resumes."""
+"""The command line end to end: the tiny CLIP variant trains, evaluates, checkpoints. (Re-running
+the same command resumes: test_faults.py checks it on the run a SIGTERM stopped.)"""
 
 import json
 import os
@@ -9,15 +10,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(workdir, *overrides):
+def run_cli(workdir):
     return subprocess.run(
         [sys.executable, "-m", "jaxtrain.main", f"--config={ROOT}/configs/clip.py:runlocal",
-         f"--workdir={workdir}", "--config.train.progress_bar=False", *overrides],
+         f"--workdir={workdir}", "--config.train.progress_bar=False"],
         capture_output=True, text=True, timeout=600, env=os.environ.copy(),
     )
 
 
-def test_tiny_clip_run_learns_and_resumes(tmp_path):
+def test_tiny_clip_run_learns_and_checkpoints(tmp_path):
     proc = run_cli(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -36,11 +37,3 @@ def test_tiny_clip_run_learns_and_resumes(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [
         "30", "60"]
     assert "Best: step 60" in proc.stderr or "Best: step 30" in proc.stderr
-
-    # same command, more steps: resumes from step 60 instead of starting over
-    proc = run_cli(tmp_path, "--config.train.steps=70", "--config.train.log_every=5")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Resuming from" in proc.stderr
-    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
-             if "train/loss" in x]
-    assert steps[-2:] == [65, 70]

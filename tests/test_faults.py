@@ -1,4 +1,5 @@
-"""Faults on real runs: SIGTERM saves and exits 42; kill -9 at any moment loses nothing."""
+"""Faults on real runs: SIGTERM saves, exits 42 and the re-run resumes where it stopped; kill -9
+at any moment loses nothing."""
 
 import json
 import os
@@ -11,22 +12,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.test_multiprocess import CLIP, command, environment
+
 ROOT = Path(__file__).resolve().parents[1]
 
-# A toy run in its own process: 120 steps, checkpoint every 10, final params saved as .npz.
+# A toy run in its own process: 80 steps, checkpoint every 10, final params saved as .npz.
 TOY_RUN = """
 import os, sys, numpy as np, jax
 from tests import toy_task
 from jaxtrain import Trainer
-cfg = toy_task.config(train__steps=120, checkpoint__every=10, train__log_every=5, eval__every=60)
+cfg = toy_task.config(train__steps=80, checkpoint__every=10, train__log_every=5, eval__every=40)
 result = Trainer(cfg, sys.argv[1]).train()
 leaves = jax.tree.leaves(jax.device_get(result.final_state.params))
 np.savez(os.path.join(sys.argv[1], "final.npz"), *leaves)
 """
 
+# The tiny CLIP run of test_multiprocess (the same compiled step: the first of these tests to
+# run compiles it for the others), logging every 5 steps, run "forever" until a signal: no
+# evaluation and no periodic checkpoint, so the only checkpoint is the one SIGTERM writes.
+FOREVER = [*CLIP, "--config.train.log_every=5", "--config.eval.every=0",
+           "--config.checkpoint.every=0"]
+
 
 def env():
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
+    return {**environment(), "PYTHONPATH": str(ROOT)}
 
 
 def wait_for_step(workdir: Path, step: int, proc: subprocess.Popen, timeout: float = 300):
@@ -40,6 +49,12 @@ def wait_for_step(workdir: Path, step: int, proc: subprocess.Popen, timeout: flo
                 return
         time.sleep(0.05)
     raise TimeoutError(f"run did not reach step {step}")
+
+
+def train_steps(workdir: Path) -> list[int]:
+    """The steps of the train records in metrics.jsonl, in file order."""
+    return [json.loads(x)["step"] for x in (workdir / "metrics.jsonl").read_text().splitlines()
+            if "train/loss" in x]
 
 
 def toy(workdir):
@@ -72,26 +87,13 @@ def test_kill_9_at_several_points_then_resume_equals_uninterrupted(tmp_path):
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
     for a, b in zip(final_params(killed), final_params(tmp_path / "ref"), strict=True):
         np.testing.assert_array_equal(a, b)
-    steps = [
-        json.loads(x)["step"]
-        for x in (killed / "metrics.jsonl").read_text().splitlines()
-        if "train/loss" in x
-    ]
-    assert steps == sorted(set(steps)) and steps[-1] == 120
+    steps = train_steps(killed)
+    assert steps == sorted(set(steps)) and steps[-1] == 80
 
 
 @pytest.mark.slow
 def test_sigterm_saves_exits_42_and_resumes(tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "jaxtrain.main",
-        f"--config={ROOT}/configs/clip.py:runlocal",
-        f"--workdir={tmp_path}",
-        "--config.train.progress_bar=False",
-        "--config.train.steps=100000",
-        "--config.train.log_every=5",
-    ]
+    cmd = command(tmp_path, 100000, processes=1, flags=FOREVER)
     proc = subprocess.Popen(
         cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
@@ -101,8 +103,9 @@ def test_sigterm_saves_exits_42_and_resumes(tmp_path):
     assert proc.returncode == 42, err[-3000:]
     saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and saved[0] >= 10
+    # the same command with more steps resumes from that checkpoint instead of starting over
     rerun = subprocess.run(
-        cmd[:-2] + [f"--config.train.steps={saved[0] + 5}"],
+        command(tmp_path, saved[0] + 5, processes=1, flags=FOREVER),
         env=env(),
         capture_output=True,
         text=True,
@@ -110,32 +113,20 @@ def test_sigterm_saves_exits_42_and_resumes(tmp_path):
     )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"Resuming from {tmp_path}/checkpoints/{saved[0]}" in rerun.stderr
+    steps = train_steps(tmp_path)  # continued: no step logged twice, none lost
+    assert steps == sorted(set(steps)) and steps[0] == 5 and steps[-1] == saved[0] + 5
 
 
 @pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_with_a_checkpoint(tmp_path):
-    environ = {
-        **env(),
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "JAXTRAIN_XLA_FLAGS": "--xla_backend_optimization_level=0",
-    }
     launcher = subprocess.Popen(
-        [
-            str(ROOT / "launch" / "local_multiprocess.sh"),
-            "2",
-            "4",
-            "--",
-            f"--config={ROOT}/configs/clip.py:runlocal,steps=100000",
-            f"--workdir={tmp_path}",
-            "--config.train.progress_bar=False",
-            "--config.train.log_every=5",
-        ],
-        env=environ,
+        command(tmp_path, 100000, processes=2, flags=FOREVER),
+        env=env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
-    wait_for_step(tmp_path, 10, launcher)
+    wait_for_step(tmp_path, 5, launcher)
     worker = subprocess.run(
         ["pgrep", "-f", f"process_id=1 --config={ROOT}/configs/clip.py"],
         capture_output=True,
