@@ -57,7 +57,7 @@ def main(argv) -> None:
     sps = _STEPS.value / seconds
     n = trainer.mesh.size
     flops = compiled.model_flops / n if compiled.model_flops else compiled.xla_flops
-    peak = _PEAK.value or trainer._peak_tflops()
+    peak = _PEAK.value or trainer.peak_tflops()
     stats = jax.devices()[0].memory_stats() or {}
     print(json.dumps({
         "config": flags.FLAGS["config"].config_filename,

@@ -166,7 +166,7 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def _keys(self):
-        # "params" is tasks.base.params_key(seed): tasks rely on it
+        # "params" is jaxtrain.task.params_key(seed): tasks rely on it
         base = jax.random.PRNGKey(self.config.seed)
         return {name: jax.random.fold_in(base, i) for i, name in
                 enumerate(("params", "frozen", "train"))}
@@ -329,7 +329,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def _peak_tflops(self) -> float:
+    def peak_tflops(self) -> float:
+        """Per-device dense bf16 peak TFLOP/s, for MFU: `train.peak_tflops`, else the known
+        accelerator's, else 0 (unknown: no MFU)."""
         if self.config.train.peak_tflops:
             return self.config.train.peak_tflops
         kind = jax.devices()[0].device_kind.lower()
@@ -459,7 +461,7 @@ class Trainer:
         if flops:
             tflops = flops / seconds / 1e12
             out["perf/tflops_per_device"] = tflops
-            peak = self._peak_tflops()
+            peak = self.peak_tflops()
             if peak:
                 out["perf/mfu"] = tflops / peak
         return out

@@ -15,8 +15,9 @@ from jaxtrain.tree import nest, path_str
 
 
 def export_params(path: str, params: Any, config: dict, step: int = 0) -> str:
-    """Merged params + config as `<path>/checkpoints/<step>/{state,meta}` (read_params reads it),
-    the config's LoRA off; returns the step directory. Refuses an existing one."""
+    """Merged params + config as `<path>/checkpoints/<step>/{state,meta}` (what
+    `jaxtrain.weights.read_run` reads), the config's LoRA off; returns the step directory.
+    Refuses an existing one."""
     step_dir = os.path.join(os.path.abspath(path), "checkpoints", str(step))
     if os.path.exists(step_dir):
         raise FileExistsError(f"{step_dir} exists: export to a new directory.")
