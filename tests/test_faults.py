@@ -127,13 +127,18 @@ def test_sigterm_to_one_of_two_processes_stops_both_with_a_checkpoint(tmp_path):
         text=True,
     )
     wait_for_step(tmp_path, 5, launcher)
-    worker = subprocess.run(
-        ["pgrep", "-f", f"process_id=1 --config={ROOT}/configs/clip.py"],
-        capture_output=True,
-        text=True,
-    ).stdout.split()
+    # this run's process 1 only (by its workdir): other tests may run 2-process jobs meanwhile
+    listed = subprocess.run(["pgrep", "-af", "process_id=1"], capture_output=True,
+                            text=True).stdout.splitlines()
+    worker = [line.split()[0] for line in listed
+              if f"--workdir={tmp_path} " in line + " " and "jaxtrain.main" in line]
+    assert len(worker) == 1, listed
     os.kill(int(worker[0]), signal.SIGTERM)
-    _, err = launcher.communicate(timeout=180)
+    try:
+        _, err = launcher.communicate(timeout=180)
+    except subprocess.TimeoutExpired:  # leave no endless run behind for the rest of the suite
+        subprocess.run(["pkill", "-KILL", "-f", f"--workdir={tmp_path}"], check=False)
+        raise
     assert launcher.returncode == 42, err[-3000:]
     saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and saved[0] % 5 == 0  # both stopped at the same log step
