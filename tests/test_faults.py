@@ -137,7 +137,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_with_a_checkpoint(tmp_path):
     try:
         _, err = launcher.communicate(timeout=180)
     except subprocess.TimeoutExpired:  # leave no endless run behind for the rest of the suite
-        subprocess.run(["pkill", "-KILL", "-f", f"--workdir={tmp_path}"], check=False)
+        subprocess.run(["pkill", "-KILL", "-f", "--", f"--workdir={tmp_path}"], check=False)
         raise
     assert launcher.returncode == 42, err[-3000:]
     saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
