@@ -1,6 +1,6 @@
 """The package's layers hold: a walk over every import (ast, function-level ones included).
 
-    leaf     errors registry axes tree                 import nothing of jaxtrain but leaf
+    leaf     errors registry axes tree tokenizer_files  import nothing of jaxtrain but leaf
     engine   config mesh state step optim checkpoint trainer writers hooks task evaluator
              -> leaf (never a task, model, loss, data, hf or LoRA module)
     losses, metrics  -> leaf            models -> leaf, models        hf -> leaf, models, hf
