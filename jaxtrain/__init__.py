@@ -1,10 +1,11 @@
 """jaxtrain: a JAX/Flax training library with sharded training."""
 
 from jaxtrain.api import Trainer, build_task, train
+from jaxtrain.checkpoint import CheckpointSaveError
 from jaxtrain.config import ConfigError, base_config
 from jaxtrain.evaluator import Evaluator, HeldoutEvaluator
 from jaxtrain.evaluators import eval_config, register_evaluator
-from jaxtrain.hooks import CheckpointSaveError, Hook, Loop, NonFiniteError
+from jaxtrain.hooks import Hook, Loop, NonFiniteError
 from jaxtrain.models import ModelFamily, get_model, register_model
 from jaxtrain.state import TrainState
 from jaxtrain.task import Task

@@ -25,6 +25,17 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint in the workdir was written for another model or optimizer."""
 
 
+class CheckpointUnreadableError(ValueError):
+    """A checkpoint's files cannot be read (truncated, corrupt, or metadata missing)."""
+
+
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint failed (disk full, permissions); the earlier ones are intact."""
+
+
+ASIDE = ".corrupt"  # an unreadable checkpoint `<step>` is renamed `<step>.corrupt`
+
+
 def _state_dict(state: TrainState) -> dict[str, Any]:
     return {f: getattr(state, f) for f in ("step", "params", "opt_state", "rng", "frozen")}
 
@@ -47,6 +58,10 @@ class Checkpointer:
         async_save: bool = True,
     ):
         self.directory = os.path.abspath(directory)
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise CheckpointSaveError(
+                f"{self.directory} is a file, not a directory: checkpoints cannot be written "
+                "there. Move the file away (or choose another --workdir) and re-run.")
         self.best_metric = best_metric
         policies: list[pp.PreservationPolicy] = [pp.LatestN(n=keep)]
         if best_metric:
@@ -94,8 +109,9 @@ class Checkpointer:
         """Queue an (async) save. `metrics` ranks the checkpoint for best-keeping."""
         if step in self.manager.all_steps():
             return False
-        if self.best_metric and metrics is not None and self.best_metric not in metrics:
-            metrics = None
+        if self.best_metric and metrics is not None and not np.isfinite(
+                metrics.get(self.best_metric, np.nan)):
+            metrics = None  # unranked: never kept as the best (a NaN metric is no best)
         return self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -108,8 +124,15 @@ class Checkpointer:
         )
 
     def check_compatible(self, step: int, target: TrainState) -> None:
-        """Raise CheckpointMismatchError naming the first differences, before Orbax does."""
-        saved = self.manager.item_metadata(step)["state"]
+        """Raise CheckpointMismatchError naming the first differences, before Orbax does;
+        CheckpointUnreadableError if the checkpoint's metadata cannot be read (that says
+        nothing about whether it fits)."""
+        try:
+            saved = self.manager.item_metadata(step)["state"]
+        except Exception as e:  # noqa: BLE001 - Orbax raises many kinds for damaged files
+            raise CheckpointUnreadableError(f"its metadata cannot be read: {e}") from e
+        if not saved:
+            raise CheckpointUnreadableError("its array metadata (state/_METADATA) is missing")
         want, got = _shapes(_state_dict(target)), _shapes(saved)
         params_first = lambda k: (not k.startswith("params/"), k)
         missing = sorted(set(want) - set(got), key=params_first)
@@ -157,14 +180,42 @@ class Checkpointer:
                             jax.process_count())
         return TrainState(**restored["state"]), restored["meta"]
 
+    def move_aside(self, step: int) -> str:
+        """Rename the unreadable checkpoint `step` to `<step>.corrupt` (`.corrupt.2`, ... if
+        taken): kept for inspection, ignored by the manager and by rotation. Process 0
+        renames; every process waits for it. Returns the new path."""
+        src = self.step_path(step)
+        dst = src + ASIDE
+        n = 1
+        while os.path.exists(dst):
+            n += 1
+            dst = f"{src}{ASIDE}.{n}"
+        if jax.process_index() == 0:
+            os.rename(src, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"jaxtrain-move-aside-{step}")
+        self.manager.reload()
+        return dst
+
     def restore_meta(self, step: int) -> dict:
         return self.manager.restore(
             step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
         )["meta"]
 
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+    def close(self, quiet: bool = False) -> None:
+        """Wait for queued saves and close (once; later calls do nothing). `quiet`: a
+        failure of a queued save is not raised (it was, or is being, reported)."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
+        try:
+            self.manager.wait_until_finished()
+            self.manager.close()
+        except Exception:
+            if not quiet:
+                raise
 
 
 def read_state(path: str) -> tuple[dict, dict]:

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import logging as pylogging
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -26,7 +27,8 @@ flags.disclaim_key_flags()
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2  # a config or checkpoint problem; the log line says what to change
 EXIT_RUN_FAILED = 3  # NaN storm / NaN in 'error' mode / a checkpoint could not be written
-EXIT_PREEMPTED = 42  # a checkpoint was saved after SIGTERM; re-run the same command to resume
+EXIT_PREEMPTED = 42  # a checkpoint was saved after SIGTERM / Ctrl-C; re-run the same command
+EXIT_INTERRUPTED = 130  # a second Ctrl-C: stopped at once, without a checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,11 +113,59 @@ def init_distributed(run_flags: RunFlags) -> None:
                  jax.device_count())
 
 
+def failure_exit_code(e: BaseException) -> int | None:
+    """The exit code of an exception that ends a run with a message, after logging that
+    message alone (no traceback): bad input 2, a failed run 3, a second Ctrl-C 130. None for
+    anything else (a bug: let it raise, with its traceback)."""
+    from jaxtrain.checkpoint import CheckpointMismatchError, CheckpointSaveError
+    from jaxtrain.errors import ConfigError
+    from jaxtrain.hooks import NonFiniteError
+    from jaxtrain.writers import MetricsWriteError
+
+    if isinstance(e, KeyboardInterrupt):
+        logging.error("Interrupted (a second Ctrl-C): stopped without saving a checkpoint; "
+                      "re-running the same command resumes from the latest one on disk.")
+        return EXIT_INTERRUPTED
+    if isinstance(e, ConfigError | CheckpointMismatchError):
+        code = EXIT_BAD_INPUT  # the message says what to fix
+    elif isinstance(e, NonFiniteError | CheckpointSaveError | MetricsWriteError):
+        code = EXIT_RUN_FAILED  # the message says what is on disk
+    else:
+        return None
+    logging.error("%s: %s", type(e).__name__, e)
+    return code
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad flag or config override (`--config.train.stepz=3`)
+    reported as one line and exit 2, instead of a chain of tracebacks."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:  # absl's own usage errors: its message and --help hint
+        sys.stderr.write(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to "
+                         "see help on flags.\n")
+        sys.exit(EXIT_BAD_INPUT)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # config_flags overrides
+        while e.args and isinstance(e.args[0], BaseException):  # ml_collections nests them
+            e = e.args[0]
+        message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+        unknown = isinstance(e, KeyError)
+        message = " ".join(message.split("\n"))
+        sys.stderr.write(("Unknown config key " if unknown else "Bad --config value: ")
+                         + message + "\n")
+        sys.exit(EXIT_BAD_INPUT)
+
+
 class QuietLibraries(pylogging.Filter):
     """Keep INFO lines from jaxtrain; libraries (Orbax logs every save) only from WARNING up."""
 
     def filter(self, record: pylogging.LogRecord) -> bool:
-        return record.levelno >= pylogging.WARNING or "/jaxtrain/" in record.pathname
+        if "/jaxtrain/" in record.pathname:
+            return True
+        if record.levelno < pylogging.WARNING:
+            return False
+        record.exc_info = record.exc_text = None  # a library's line, not its traceback:
+        return True  # jaxtrain reports the failure itself, once
 
 
 def setup_logging() -> None:

@@ -87,6 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.best_metric = ""  # also keep the best by this eval metric; '' = off
     c.checkpoint.best_mode = "max"
     c.checkpoint.async_save = True
+    # No checkpoint of the workdir can be read: 'error' (exit 2, listing them) or 'start_over'
+    # (move them aside as <step>.corrupt and train from step 0). Readable ones always resume.
+    c.checkpoint.if_unreadable = "error"
 
     # LoRA (any task): rank 0 = off. See jaxtrain/lora.py.
     c.lora = ml_collections.ConfigDict()
@@ -208,6 +211,8 @@ _RULES: list[Rule] = [
     ("checkpoint.every", lambda v: v >= 0, "must be >= 0 (0 = only at the end)"),
     ("checkpoint.keep", lambda v: v >= 1, "must be >= 1"),
     ("checkpoint.best_mode", lambda v: v in MODES, f"must be one of {MODES}"),
+    ("checkpoint.if_unreadable", lambda v: v in ("error", "start_over"),
+     "must be 'error' or 'start_over'"),
     ("lora.rank", lambda v: v >= 0, "must be >= 0 (0 = off)"),
     ("lora.alpha", lambda v: v > 0, "must be > 0"),
     ("lora.dropout", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),

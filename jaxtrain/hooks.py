@@ -32,7 +32,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from jaxtrain.checkpoint import Checkpointer
+from jaxtrain.checkpoint import Checkpointer, CheckpointSaveError
 from jaxtrain.config import ConfigError
 from jaxtrain.writers import MetricWriter, ProgressBar
 
@@ -41,11 +41,10 @@ class NonFiniteError(FloatingPointError):
     """The loss or gradients became NaN/Inf and `train.nonfinite='error'`."""
 
 
-class CheckpointSaveError(OSError):
-    """Writing a checkpoint failed (disk full, permissions); the earlier ones are intact."""
-
-
 def _improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    """Whether `value` beats `best`; a non-finite value (a diverged model) never does."""
+    if not np.isfinite(value):
+        return False
     if best is None:
         return True
     return value > best + min_delta if mode == "max" else value < best - min_delta
@@ -210,8 +209,8 @@ def check_nonfinite(train_cfg, host: list[dict], done: int, streak: int) -> int:
     bad = [done - len(host) + i + 1 for i, m in enumerate(host) if m["nonfinite"]]
     if bad and train_cfg.nonfinite == "error":
         raise NonFiniteError(
-            f"Non-finite loss or gradients at step(s) {bad[:10]} (updates were not applied; "
-            "the last checkpoint is intact). Lower optim.lr, set optim.clip_norm, or set "
+            f"Non-finite loss or gradients at step(s) {bad[:10]} (those updates were not "
+            "applied). Lower optim.lr, set optim.clip_norm, or set "
             "train.nonfinite='skip' to skip such steps."
         )
     for m in host:
@@ -220,8 +219,8 @@ def check_nonfinite(train_cfg, host: list[dict], done: int, streak: int) -> int:
             raise NonFiniteError(
                 f"{streak} consecutive steps up to step {done} had a non-finite loss or "
                 "gradients and were skipped (train.max_nonfinite_streak="
-                f"{train_cfg.max_nonfinite_streak}); stopping. The last checkpoint is intact. "
-                "Lower optim.lr, check the data, or raise train.max_nonfinite_streak."
+                f"{train_cfg.max_nonfinite_streak}); stopping. Lower optim.lr, check the data, "
+                "or raise train.max_nonfinite_streak."
             )
     return streak
 
@@ -302,29 +301,40 @@ class BestHook(Hook):
 
 
 class PreemptionHook(Hook):
-    """SIGTERM (any process) or JAX's preemption service: save a checkpoint and stop.
+    """SIGTERM or Ctrl-C (SIGINT) on any process, or JAX's preemption service: save a
+    checkpoint and stop (the run ends as preempted: exit 42, resume with the same command).
 
-    SIGTERM sets a flag; single-process runs stop after the current step. Multi-host, the flag
+    A signal sets a flag; single-process runs stop after the current step. Multi-host, the flag
     is shared with a collective, only at log steps (no per-step sync); the preemption service's
-    sync point is checked every step (cheap, collective-free)."""
+    sync point is checked every step (cheap, collective-free). A second Ctrl-C aborts at once
+    (KeyboardInterrupt), without the checkpoint."""
 
     def __init__(self, log_every: int):
         self.log_every = log_every
         self.signalled = False
 
-    def _on_sigterm(self, signum, frame) -> None:
-        logging.warning("SIGTERM received: saving a checkpoint and stopping after this step.")
+    def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            logging.warning("Ctrl-C: saving a checkpoint and stopping after this step "
+                            "(Ctrl-C again to abort without saving).")
+            signal.signal(signal.SIGINT, self.old_handlers.get(signal.SIGINT)
+                          or signal.default_int_handler)
+        else:
+            logging.warning("SIGTERM received: saving a checkpoint and stopping after this "
+                            "step.")
         self.signalled = True
 
     def on_start(self, loop: Loop) -> None:
         self.use_sync_point = jax.process_count() > 1
-        self.old_handler = None
+        self.old_handlers: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            self.old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.old_handlers[sig] = signal.signal(sig, self._on_signal)
 
     def on_end(self, loop: Loop) -> None:
-        if self.old_handler is not None:
-            signal.signal(signal.SIGTERM, self.old_handler)
+        for sig, handler in self.old_handlers.items():
+            signal.signal(sig, handler)
+        self.old_handlers = {}
 
     def after_step(self, loop: Loop) -> None:
         if self._notice(loop.step) or self._everywhere(loop.step % self.log_every == 0):
@@ -358,6 +368,7 @@ class CheckpointHook(Hook):
     def __init__(self, ckpt: Checkpointer, every: int):
         self.ckpt = ckpt
         self.every = every
+        self.failed = False
 
     def after_step(self, loop: Loop) -> None:
         if (self.every and loop.step % self.every == 0) or loop.last or loop.save:
@@ -369,20 +380,24 @@ class CheckpointHook(Hook):
         loop.save = False
 
     def on_end(self, loop: Loop) -> None:
-        self._guard(None, self.ckpt.close)
+        if self.failed:  # already reported: the wait would only raise the same failure again
+            self.ckpt.close(quiet=True)
+        else:
+            self._guard(None, self.ckpt.close)
 
     def _guard(self, step: int | None, fn, *args):
-        """Run a save (or the final wait for queued saves, `step=None`); turn an OSError into
-        CheckpointSaveError naming the checkpoints that are intact."""
+        """Run a save (or the final wait for queued saves, `step=None`); any failure (an
+        OSError, or Orbax's own errors for a full disk) becomes one CheckpointSaveError."""
         try:
             return fn(*args)
-        except OSError as e:
-            kept = [s for s in self.ckpt.all_steps() if s != step]
+        except Exception as e:  # noqa: BLE001 - Orbax wraps I/O errors in ValueError etc.
+            self.failed = True
             what = f"checkpoint {step}" if step is not None else "the last queued checkpoint"
+            cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointSaveError(
-                f"Writing {what} under {self.ckpt.directory} failed ({e}). The earlier "
-                f"checkpoints {kept} are intact; free space (or fix permissions) and re-run the "
-                "same command to resume from the latest of them."
+                f"Writing {what} under {self.ckpt.directory} failed ({type(e).__name__}: "
+                f"{cause[:300]}). Free space (or fix permissions) and re-run the same command "
+                "to resume from the latest intact checkpoint."
             ) from e
 
 

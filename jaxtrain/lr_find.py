@@ -388,9 +388,11 @@ def _main(argv: list[str], run_flags: cli.RunFlags, own: dict[str, Any]) -> int:
     try:
         result = lr_find(run_flags.config.value, workdir,
                          **{name: holder.value for name, holder in own.items()})
-    except ConfigError as e:  # the message says what to fix
-        logging.error("%s: %s", type(e).__name__, e)
-        return cli.EXIT_BAD_INPUT
+    except (Exception, KeyboardInterrupt) as e:  # ConfigError: exit 2, ...
+        code = cli.failure_exit_code(e)
+        if code is None:
+            raise
+        return code
     if result.suggestion is not None:
         overrides = [f"--config.{k}={v}" for k, v in run_flags.config_overrides().items()
                      if k != "optim.lr"]
@@ -406,7 +408,7 @@ def run() -> None:
     run_flags, own = cli.define_run_flags(), _define_flags()
     flags.mark_flags_as_required([run_flags.config.name])
     cli.setup_logging()
-    app.run(lambda argv: _main(argv, run_flags, own))
+    app.run(lambda argv: _main(argv, run_flags, own), flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,13 @@ import sys
 from absl import app, flags, logging
 
 from jaxtrain.cli import (
-    EXIT_BAD_INPUT,
     EXIT_OK,
     EXIT_PREEMPTED,
-    EXIT_RUN_FAILED,
     default_workdir,
     define_run_flags,
+    failure_exit_code,
     init_distributed,
+    parse_flags,
     setup_logging,
 )
 
@@ -31,31 +31,33 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     init_distributed(RUN_FLAGS)
     # after flag parsing: keeps --help fast
-    from jaxtrain import CheckpointSaveError, ConfigError, NonFiniteError, Trainer
-    from jaxtrain.checkpoint import CheckpointMismatchError
+    from jaxtrain import Trainer
 
     config = RUN_FLAGS.config.value
     workdir = RUN_FLAGS.workdir.value or default_workdir(RUN_FLAGS.config_file())
     logging.info("jaxtrain: task=%s workdir=%s", config.task, workdir)
     try:
         result = Trainer(config, workdir).train()
-    except (ConfigError, CheckpointMismatchError) as e:  # the message says what to fix
-        logging.error("%s: %s", type(e).__name__, e)
-        return EXIT_BAD_INPUT
-    except (NonFiniteError, CheckpointSaveError) as e:  # the run stopped; checkpoints intact
-        logging.error("%s: %s", type(e).__name__, e)
-        return EXIT_RUN_FAILED
+    except (Exception, KeyboardInterrupt) as e:
+        code = failure_exit_code(e)
+        if code is None:
+            raise
+        return code
     logging.info("Finished at step %d. Eval metrics:\n%s", result.final_step, result.table())
     if result.best_step is not None:
         logging.info("Best: step %d, %.4f", result.best_step, result.best_metric)
-    return EXIT_PREEMPTED if result.preempted else EXIT_OK
+    if result.preempted:
+        logging.warning("Stopped at step %d with a checkpoint: re-run the same command to "
+                        "resume.", result.final_step)
+        return EXIT_PREEMPTED
+    return EXIT_OK
 
 
 def run() -> None:
     """The `jaxtrain` console script and `python -m jaxtrain.main`."""
     flags.mark_flags_as_required([RUN_FLAGS.config.name])
     setup_logging()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -31,12 +30,18 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from jaxtrain import mesh as mesh_lib
-from jaxtrain.checkpoint import Checkpointer, CheckpointMismatchError
+from jaxtrain.checkpoint import (
+    Checkpointer,
+    CheckpointMismatchError,
+    CheckpointSaveError,
+    CheckpointUnreadableError,
+)
 from jaxtrain.config import ConfigError, check_divisibility
 from jaxtrain.evaluator import Evaluator
 from jaxtrain.hooks import (
     Hook,
     Loop,
+    NonFiniteError,
     Progress,
     Window,
     default_hooks,
@@ -46,7 +51,8 @@ from jaxtrain.state import TrainState
 from jaxtrain.step import make_train_step
 from jaxtrain.task import Task
 from jaxtrain.tree import path_str
-from jaxtrain.writers import MetricWriter
+from jaxtrain.workdir import WorkdirLock, check_workdir
+from jaxtrain.writers import MetricsWriteError, MetricWriter
 
 # Dense bf16 peak TFLOP/s per device, for MFU. Override with config.train.peak_tflops.
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "tpu v4": 275.0, "tpu v5 lite": 197.0,
@@ -100,25 +106,8 @@ class CompiledStep:
     reported: bool = False
 
 
-def _check_workdir(workdir: str, checkpoint_bytes: int) -> None:
-    """Fail before training if the workdir cannot be written or cannot hold two checkpoints."""
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write-test-{jax.process_index()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(
-            f"The workdir {workdir!r} is not writable ({e.strerror}). Choose another --workdir."
-        ) from e
-    free = shutil.disk_usage(workdir).free
-    if free < 2 * checkpoint_bytes:
-        raise ConfigError(
-            f"The workdir {workdir!r} has {free / 2**20:.1f} MiB free, less than two checkpoints "
-            f"of this run ({2 * checkpoint_bytes / 2**20:.1f} MiB). Free space or choose "
-            "another --workdir."
-        )
+class NoReadableCheckpointError(ConfigError):
+    """The workdir has checkpoints and none of them can be read."""
 
 
 class Trainer:
@@ -325,7 +314,13 @@ class Trainer:
             for k, v in out.items():
                 merged.setdefault(k, []).append(jax.tree.map(lambda x, keep=keep: x[keep], v))
         merged = {k: jax.tree.map(lambda *xs: np.concatenate(xs), *v) for k, v in merged.items()}
-        return ev.metrics(merged)
+        metrics = ev.metrics(merged)
+        bad = sorted(k for k, v in merged.items() if not _all_finite(v))
+        if bad:  # a diverged model: its metrics must never look good (nor be chosen as best)
+            logging.warning("Evaluator %r: non-finite outputs %s (a diverged model?): its "
+                            "metrics are NaN.", name, bad)
+            return {k: float("nan") for k in metrics}
+        return metrics
 
     # ------------------------------------------------------------------ loop
 
@@ -346,11 +341,17 @@ class Trainer:
         )
 
     def _restore_latest(self, ckpt: Checkpointer):
-        """(state, data iterator, meta) from the newest readable checkpoint, or None.
+        """(state, data iterator, meta) from the newest readable checkpoint, or None when
+        there is none to resume.
 
-        A checkpoint that cannot be read (a partial or corrupt directory) is skipped with a
-        warning and the one before it is tried; one that does not fit the model is an error.
+        A checkpoint that cannot be read (truncated or corrupt files, missing metadata) is
+        moved aside (renamed `<step>.corrupt`, never deleted) once an older one restores, so
+        the run re-writes its step and rotation never counts it. One that does not fit the
+        model is an error (CheckpointMismatchError): unreadable is not incompatible. When none
+        can be read the run stops (NoReadableCheckpointError), nothing changed on disk, unless
+        `checkpoint.if_unreadable='start_over'` (all moved aside; train from step 0).
         """
+        unreadable: list[tuple[int, str]] = []
         for step in reversed(ckpt.all_steps()):
             train_iter = self.train_iterator()
             try:
@@ -359,12 +360,48 @@ class Trainer:
             except CheckpointMismatchError:
                 raise
             except Exception as e:  # noqa: BLE001 - any read failure means "unusable"
-                logging.warning("Skipping unreadable checkpoint %s (%s: %s); trying the one "
-                                "before it.", ckpt.step_path(step), type(e).__name__, e)
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                reason = f"{type(e).__name__}: {first}" if not isinstance(
+                    e, CheckpointUnreadableError) else first
+                logging.warning("Checkpoint %s cannot be read (%s); trying the one before it.",
+                                ckpt.step_path(step), reason)
+                unreadable.append((step, reason))
                 continue
+            self._move_aside(ckpt, unreadable)
             logging.info("Resuming from %s", ckpt.step_path(step))
             return state, train_iter, meta
+        if unreadable:
+            if self.config.checkpoint.if_unreadable != "start_over":
+                listed = "\n".join(f"  {ckpt.step_path(s)}: {r}" for s, r in unreadable)
+                raise NoReadableCheckpointError(
+                    f"None of the {len(unreadable)} checkpoints of this workdir can be read:\n"
+                    f"{listed}\nNothing was changed on disk. Restore them from a copy and re-run"
+                    ", or re-run with --config.checkpoint.if_unreadable=start_over to move them "
+                    "aside (renamed <step>.corrupt, not deleted) and train from step 0.")
+            self._move_aside(ckpt, unreadable)
+            logging.warning("No checkpoint could be read (checkpoint.if_unreadable=start_over): "
+                            "training from step 0.")
         return None
+
+    @staticmethod
+    def _move_aside(ckpt: Checkpointer, unreadable: list[tuple[int, str]]) -> None:
+        for step, _ in unreadable:
+            logging.warning("Moved the unreadable checkpoint %s aside to %s.",
+                            ckpt.step_path(step), ckpt.move_aside(step))
+
+    def check_data(self) -> None:
+        """Open every evaluator's data (its first batch) before anything compiles: a missing
+        file, a bad row or an empty split is reported now, not at the first evaluation."""
+        pc = jax.process_count()
+        for name, ev in self.evaluators.items():
+            batch_size = ev.config.batch_size or self.config.eval.batch_size
+            batches = ev.batches(batch_size=batch_size // pc, process_index=jax.process_index(),
+                                 process_count=pc)
+            if next(iter(batches), None) is None:
+                raise ConfigError(
+                    f"The data of evaluator {name!r} has no rows: give it a dataset with rows "
+                    f"(evals.{name}.source, or the task's held-out split), or delete "
+                    f"evals.{name}.")
 
     def loop(self, loop: Loop, hooks: Sequence[Hook]) -> Loop:
         """Step from `loop.step` to `loop.stop_at`, calling every hook after each step, until
@@ -388,39 +425,48 @@ class Trainer:
 
     def train(self, stop_at_step: int | None = None) -> TrainResult:
         """Train to `config.train.steps` (or stop after `stop_at_step`, saving a checkpoint, as
-        a preemption would), resuming from the workdir's latest checkpoint if there is one."""
-        cfg = self.config
+        a preemption would), resuming from the workdir's latest checkpoint if there is one.
+        The workdir is locked for the run (:class:`jaxtrain.workdir.WorkdirLock`)."""
         state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.abstract_state))
-        _check_workdir(self.workdir, state_bytes)
+        check_workdir(self.workdir, state_bytes)
+        with WorkdirLock(self.workdir):
+            return self._train(stop_at_step)
+
+    def _train(self, stop_at_step: int | None) -> TrainResult:
+        cfg = self.config
         ckpt = Checkpointer(
             os.path.join(self.workdir, "checkpoints"), keep=cfg.checkpoint.keep,
             best_metric=cfg.checkpoint.best_metric, best_mode=cfg.checkpoint.best_mode,
             async_save=cfg.checkpoint.async_save,
         )
         writer = MetricWriter(self.workdir)
-        progress = Progress()
-        restored = self._restore_latest(ckpt)
-        if restored is None:
-            state, train_iter = self.init_state(), self.train_iterator()
-            if jax.process_index() == 0:
-                with open(os.path.join(self.workdir, "config.json"), "w") as f:
-                    f.write(cfg.to_json_best_effort(indent=2))
-        else:
-            state, train_iter, meta = restored
-            progress = Progress(**meta.get("progress", {}))
-            self._log_config_changes(meta.get("config", {}))
-        start = int(jax.device_get(state.step))
-        stop = min(cfg.train.steps, stop_at_step) if stop_at_step is not None else \
-            cfg.train.steps
-        loop = Loop(trainer=self, state=state, train_iter=train_iter, start=start, stop_at=stop,
-                    step=start, progress=progress, writer=writer,
-                    records=writer.truncate_after(start))
         try:
+            self.check_data()
+            restored = self._restore_latest(ckpt)
+            progress = Progress()
+            if restored is None:
+                state, train_iter = self.init_state(), self.train_iterator()
+                if jax.process_index() == 0:
+                    with open(os.path.join(self.workdir, "config.json"), "w") as f:
+                        f.write(cfg.to_json_best_effort(indent=2))
+            else:
+                state, train_iter, meta = restored
+                progress = Progress(**meta.get("progress", {}))
+                self._log_config_changes(meta.get("config", {}))
+            start = int(jax.device_get(state.step))
+            stop = min(cfg.train.steps, stop_at_step) if stop_at_step is not None else \
+                cfg.train.steps
+            loop = Loop(trainer=self, state=state, train_iter=train_iter, start=start,
+                        stop_at=stop, step=start, progress=progress, writer=writer,
+                        records=writer.truncate_after(start))
             if start < stop:
                 self.loop(loop, default_hooks(self, ckpt, self.hooks))  # closes ckpt
-            else:
-                ckpt.close()
+        except (NonFiniteError, CheckpointSaveError, MetricsWriteError) as e:
+            ckpt.close(quiet=True)
+            e.args = (f"{e.args[0]} {on_disk(ckpt)}", *e.args[1:])
+            raise
         finally:
+            ckpt.close(quiet=True)  # when the loop did not run; a no-op after it
             writer.close()
         return TrainResult(
             workdir=self.workdir,
@@ -476,6 +522,21 @@ class Trainer:
                    if json.dumps(a.get(k), default=str) != json.dumps(b.get(k), default=str)}
         for k, (old, new) in sorted(changed.items()):
             logging.warning("Config differs from the checkpoint's: %s: %r -> %r", k, old, new)
+
+
+def _all_finite(tree: Any) -> bool:
+    """No NaN/Inf in any floating leaf (bf16 included)."""
+    return all(np.isfinite(np.asarray(x, np.float32)).all() for x in jax.tree.leaves(tree)
+               if jnp.issubdtype(np.asarray(x).dtype, jnp.floating))
+
+
+def on_disk(ckpt: Checkpointer) -> str:
+    """What a stopped run leaves to resume from, for its error message."""
+    steps = ckpt.all_steps()
+    if not steps:
+        return ("No checkpoint is on disk yet: re-running the same command starts from step 0.")
+    return (f"Checkpoints on disk: {steps} under {ckpt.directory}; re-running the same command "
+            f"resumes from step {steps[-1]}.")
 
 
 def _check_fits(field: str, given: dict[str, Any], target: Any) -> None:

@@ -13,6 +13,10 @@ import jax
 from absl import logging
 
 
+class MetricsWriteError(OSError):
+    """Writing the run's metrics (metrics.jsonl, tensorboard) failed: disk full, permissions."""
+
+
 def _fmt(v: float) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -28,31 +32,61 @@ class MetricWriter:
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def truncate_after(self, step: int) -> list[dict]:
-        """On resume: drop records past the restored step, return the ones kept."""
+        """On resume: drop records past the restored step, return the ones kept. A line cut
+        short (a crash or a full disk mid-write) is dropped with a warning. The file is
+        replaced atomically: a crash here leaves the old one or the new one."""
         if not os.path.exists(self.jsonl_path):
             return []
-        with open(self.jsonl_path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
+        records = []
+        with open(self.jsonl_path, errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    logging.warning("Dropping line %d of %s: not a complete record (%r).", n,
+                                    self.jsonl_path, line[:80])
         kept = [r for r in records if r.get("step", 0) <= step]
         if self.enabled:
-            with open(self.jsonl_path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
+            tmp = self.jsonl_path + ".tmp"
+            try:
+                with open(tmp, "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in kept)
+                os.replace(tmp, self.jsonl_path)
+            except OSError as e:
+                raise MetricsWriteError(
+                    f"Rewriting {self.jsonl_path} failed ({e.strerror or e}); it is unchanged. "
+                    "Free space (or fix permissions) and re-run the same command.") from e
         return kept
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-        with open(self.jsonl_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.jsonl_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise MetricsWriteError(
+                f"Writing the metrics of step {step} to {self.jsonl_path} failed "
+                f"({e.strerror or e}). Free space (or fix permissions) and re-run the same "
+                "command to resume from the latest checkpoint."
+            ) from e
         if self._tb is not None:
             for k, v in metrics.items():
                 self._tb.add_scalar(k.replace("@", "_at_"), float(v), int(step))
         logging.info("step %d | %s", step, " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
 
     def close(self) -> None:
+        """Flush and close tensorboard; a failure (disk full) is logged, never raised: it
+        must not hide the error that ended the run."""
         if self._tb is not None:
-            self._tb.close()
+            tb, self._tb = self._tb, None
+            try:
+                tb.close()
+            except OSError as e:
+                logging.warning("Could not flush the tensorboard events (%s).", e)
 
 
 class ProgressBar:

@@ -20,8 +20,6 @@ from typing import Any
 from absl import app, flags, logging
 
 from jaxtrain import cli
-from jaxtrain.errors import ConfigError
-from jaxtrain.hooks import CheckpointSaveError
 from jaxtrain.sweep.results import load_results
 from jaxtrain.sweep.runner import RepeatedFailureError, run_sweep, workers_from_env
 from jaxtrain.sweep.space import format_params
@@ -77,12 +75,14 @@ def main(argv: list[str], run_flags: cli.RunFlags, own: dict[str, Any]) -> int:
         result = run_sweep(run_flags.config.value, f["sweep"], workdir, worker=worker,
                            num_workers=num_workers, max_trials=f["max_trials"],
                            retry_failed=f["retry_failed"])
-    except ConfigError as e:  # includes SweepError; the message says what to fix
-        logging.error("%s: %s", type(e).__name__, e)
-        return cli.EXIT_BAD_INPUT
-    except (CheckpointSaveError, RepeatedFailureError) as e:
+    except RepeatedFailureError as e:
         logging.error("%s: %s", type(e).__name__, e)
         return cli.EXIT_RUN_FAILED
+    except (Exception, KeyboardInterrupt) as e:  # ConfigError (SweepError too): exit 2, ...
+        code = cli.failure_exit_code(e)
+        if code is None:
+            raise
+        return code
     logging.info("Sweep results (%s, %s; %s):\n%s", result.metric, result.mode,
                  os.path.join(result.workdir, "results.csv"), result.table())
     if result.preempted:
@@ -105,4 +105,4 @@ def run() -> None:
     """`python -m jaxtrain.sweep`."""
     run_flags, own = cli.define_run_flags(), _define_flags()
     cli.setup_logging()
-    app.run(lambda argv: main(argv, run_flags, own))
+    app.run(lambda argv: main(argv, run_flags, own), flags_parser=cli.parse_flags)

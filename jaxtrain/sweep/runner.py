@@ -26,7 +26,7 @@ import ml_collections
 from absl import logging
 
 from jaxtrain.api import Trainer
-from jaxtrain.hooks import CheckpointSaveError
+from jaxtrain.checkpoint import CheckpointSaveError
 from jaxtrain.sweep.bayes import BayesStudy
 from jaxtrain.sweep.report import TrialReportHook
 from jaxtrain.sweep.results import (
