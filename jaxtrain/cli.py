@@ -168,7 +168,20 @@ class QuietLibraries(pylogging.Filter):
         return True  # jaxtrain reports the failure itself, once
 
 
+def _quiet_unraisable(hook):
+    def quiet(args) -> None:
+        # asyncio's "Event loop is closed" from a callback of a read that already failed
+        # (Orbax, on a damaged checkpoint): harmless, and not the message to read.
+        if isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == \
+                "Event loop is closed":
+            return
+        hook(args)
+
+    return quiet
+
+
 def setup_logging() -> None:
     """absl logging at INFO, with :class:`QuietLibraries` on its logger."""
     logging.set_verbosity(logging.INFO)
     logging.get_absl_logger().addFilter(QuietLibraries())
+    sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
