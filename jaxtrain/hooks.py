@@ -369,6 +369,7 @@ class CheckpointHook(Hook):
         self.ckpt = ckpt
         self.every = every
         self.failed = False
+        self.queued: int | None = None  # the latest save handed to Orbax
 
     def after_step(self, loop: Loop) -> None:
         if (self.every and loop.step % self.every == 0) or loop.last or loop.save:
@@ -377,6 +378,7 @@ class CheckpointHook(Hook):
                     "process_count": jax.process_count()}
             self._guard(loop.step, self.ckpt.save, loop.step, loop.state, loop.train_iter,
                         meta, loop.eval_metrics)
+            self.queued = loop.step
         loop.save = False
 
     def on_end(self, loop: Loop) -> None:
@@ -388,11 +390,15 @@ class CheckpointHook(Hook):
     def _guard(self, step: int | None, fn, *args):
         """Run a save (or the final wait for queued saves, `step=None`); any failure (an
         OSError, or Orbax's own errors for a full disk) becomes one CheckpointSaveError."""
+        # a save first waits for the one before it, still being written in the background,
+        # whose failure then surfaces here
+        in_flight = self.queued if self.ckpt.manager.is_saving_in_progress() else None
         try:
             return fn(*args)
         except Exception as e:  # noqa: BLE001 - Orbax wraps I/O errors in ValueError etc.
             self.failed = True
-            what = f"checkpoint {step}" if step is not None else "the last queued checkpoint"
+            steps = [s for s in (in_flight, step) if s is not None] or [self.queued]
+            what = "checkpoint " + " or ".join(str(s) for s in dict.fromkeys(steps))
             cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointSaveError(
                 f"Writing {what} under {self.ckpt.directory} failed ({type(e).__name__}: "
