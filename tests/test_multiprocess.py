@@ -76,6 +76,17 @@ def test_two_processes_equal_one_and_checkpoints_cross_over(tmp_path):
     assert train1[14] == pytest.approx(train2[14], rel=1e-5)
     assert sorted(train1) == sorted(train2) == [2, 4, 6, 8, 10, 12, 14]
 
+    # an unreadable newest checkpoint on 2 processes: process 0 moves it aside, both resume
+    # from the one before (and process 0 alone held the workdir lock, released at the end)
+    for f in (one / "checkpoints" / "14" / "state").rglob("*"):
+        if f.is_file() and "ocdbt" in str(f):
+            f.write_bytes(b"garbage")
+    log = run(one, 16, processes=2)
+    assert f"Moved the unreadable checkpoint {one}/checkpoints/14 aside" in log
+    assert (one / "checkpoints" / "14.corrupt").is_dir()
+    assert sorted(losses(one)[0]) == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert not (one / "jaxtrain.lock").exists()
+
 
 @pytest.mark.slow
 def test_tiny_moe_lm_on_two_processes_equals_one(tmp_path):
