@@ -3,7 +3,7 @@
 from jaxtrain.api import Trainer, build_task, train
 from jaxtrain.checkpoint import CheckpointSaveError
 from jaxtrain.config import ConfigError, base_config
-from jaxtrain.evaluator import Evaluator, HeldoutEvaluator
+from jaxtrain.evaluator import EvalContext, Evaluator, HeldoutEvaluator, LoopEvaluator
 from jaxtrain.evaluators import eval_config, register_evaluator
 from jaxtrain.hooks import Hook, Loop, NonFiniteError
 from jaxtrain.models import ModelFamily, get_model, register_model
@@ -15,8 +15,8 @@ from jaxtrain.trainer import TrainResult
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointSaveError", "ConfigError", "Evaluator", "HeldoutEvaluator", "Hook", "Loop",
-    "ModelFamily", "NonFiniteError", "Task", "TrainResult", "TrainState", "Trainer", "base_config",
-    "build_task", "eval_config", "get_model", "get_task", "register_evaluator", "register_model",
-    "register_task", "train",
+    "CheckpointSaveError", "ConfigError", "EvalContext", "Evaluator", "HeldoutEvaluator",
+    "Hook", "Loop", "LoopEvaluator", "ModelFamily", "NonFiniteError", "Task", "TrainResult",
+    "TrainState", "Trainer", "base_config", "build_task", "eval_config", "get_model",
+    "get_task", "register_evaluator", "register_model", "register_task", "train",
 ]

@@ -6,10 +6,19 @@ prefix (big_vision's ``config.evals``).
     (eval_config: jaxtrain.evaluators, where the built-in types are registered)
 
 A run's metrics from evaluator ``<name>`` are ``eval/<name>/<metric>``; `checkpoint.best_metric`
-and `eval.early_stop_metric` may name any of them. The engine runs an evaluator in three parts:
-host batches (:meth:`Evaluator.batches`, each with a boolean ``valid`` marking real rows), a pure
-jitted :meth:`Evaluator.step` on each global batch, and host-side :meth:`Evaluator.metrics` over
-the concatenated valid rows of every batch (gathered from all hosts).
+and `eval.early_stop_metric` may name any of them. An evaluator is one of two kinds:
+
+- batched (most): the engine runs it in three parts: host batches (:meth:`Evaluator.batches`,
+  each with a boolean ``valid`` marking real rows), a pure jitted :meth:`Evaluator.step` on each
+  global batch, and host-side :meth:`Evaluator.metrics` over the concatenated valid rows of every
+  batch (gathered from all hosts). Outputs must be finite: any NaN/Inf makes every metric of
+  the evaluator NaN (a diverged model never scores well).
+- its own loop (:class:`LoopEvaluator`, e.g. decoding text with a KV cache): the engine calls
+  :meth:`LoopEvaluator.run` with the model's params and an :class:`EvalContext` (the mesh, the
+  step, the workdir and the metric writer, for samples).
+
+Before anything compiles the engine calls :meth:`Evaluator.prepare`, so missing or bad data is
+reported at the start of a run, not at its first evaluation.
 
 Evaluator types are registered by name (`jaxtrain.evaluators.register_evaluator`); this module
 is the engine's side and imports no task, model or data module.
@@ -18,6 +27,7 @@ is the engine's side and imports no task, model or data module.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
@@ -58,6 +68,17 @@ class Evaluator(abc.ABC):
         """(key, predicate, rule) checks of this type's keys; `prefix` is 'evals.<name>.'."""
         return []
 
+    def prepare(self, *, batch_size: int, process_index: int, process_count: int) -> None:
+        """Load and check this evaluator's data before anything compiles (raise a ConfigError
+        naming the problem). Default: read the first host batch; none at all is an error."""
+        batches = self.batches(batch_size=batch_size, process_index=process_index,
+                               process_count=process_count)
+        if next(iter(batches), None) is None:
+            raise ConfigError(
+                f"The data of evaluator {self.name!r} has no rows: give it a dataset with rows "
+                f"(evals.{self.name}.source, or the task's held-out split), or delete "
+                f"evals.{self.name}.")
+
     @abc.abstractmethod
     def batches(
         self, *, batch_size: int, process_index: int, process_count: int
@@ -72,6 +93,34 @@ class Evaluator(abc.ABC):
     @abc.abstractmethod
     def metrics(self, outputs: Any) -> dict[str, float]:
         """Host side: metrics from the valid rows of all batches, concatenated."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalContext:
+    """What a :class:`LoopEvaluator` sees besides the params."""
+
+    mesh: Any  # the run's jax.sharding.Mesh
+    step: int  # the train step being evaluated
+    workdir: str  # the run's directory (for samples and other files it writes)
+    writer: Any  # the run's jaxtrain.writers.MetricWriter (write_text for samples), or None
+    batch_size: int  # the evaluator's global batch (its own, else eval.batch_size)
+
+
+class LoopEvaluator(Evaluator):
+    """An evaluator that runs its own loop (decoding, say) instead of batches -> step ->
+    metrics: implement :meth:`run` (and :meth:`prepare`, to check its data up front)."""
+
+    @abc.abstractmethod
+    def run(self, params: Any, frozen: Any, context: EvalContext) -> dict[str, float]:
+        """The metrics of `params` (the model's, `Task.eval_params`; sharded over
+        `context.mesh`). Every process calls it; process 0 writes files."""
+
+    @abc.abstractmethod
+    def prepare(self, *, batch_size: int, process_index: int, process_count: int) -> None:
+        """Load and check the data before anything compiles."""
+
+    # the batched protocol is not this kind's
+    batches = step = metrics = None  # type: ignore[assignment]
 
 
 class HeldoutEvaluator(Evaluator):

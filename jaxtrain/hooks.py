@@ -261,7 +261,7 @@ class EvalHook(Hook):
             if (every and loop.step % every == 0) or loop.step == loop.total:
                 due.append(name)
         if due:
-            loop.eval_metrics = loop.trainer.evaluate(loop.state, due)
+            loop.eval_metrics = loop.trainer.evaluate(loop.state, due, writer=loop.writer)
             loop.write(loop.eval_metrics)
 
 

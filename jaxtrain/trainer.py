@@ -37,7 +37,7 @@ from jaxtrain.checkpoint import (
     CheckpointUnreadableError,
 )
 from jaxtrain.config import ConfigError, check_divisibility
-from jaxtrain.evaluator import Evaluator
+from jaxtrain.evaluator import EvalContext, Evaluator, LoopEvaluator
 from jaxtrain.hooks import (
     Hook,
     Loop,
@@ -281,14 +281,29 @@ class Trainer:
             self._eval_steps[name] = jax.jit(step)
         return self._eval_steps[name]
 
-    def evaluate(self, state: TrainState,
-                 names: Sequence[str] | None = None) -> dict[str, float]:
-        """Run the evaluators (all, or those named) on `state`: metrics `eval/<name>/...`."""
+    def evaluate(self, state: TrainState, names: Sequence[str] | None = None,
+                 writer: Any = None) -> dict[str, float]:
+        """Run the evaluators (all, or those named) on `state`: metrics `eval/<name>/...`.
+        `writer` (the run's MetricWriter) receives what loop evaluators write (samples)."""
         out: dict[str, float] = {}
         for name in (self.evaluators if names is None else names):
-            metrics = self._run_evaluator(name, state)
+            if isinstance(self.evaluators[name], LoopEvaluator):
+                metrics = self._run_loop_evaluator(name, state, writer)
+            else:
+                metrics = self._run_evaluator(name, state)
             out.update({f"eval/{name}/{k}": float(v) for k, v in metrics.items()})
         return out
+
+    def _run_loop_evaluator(self, name: str, state: TrainState, writer: Any) -> dict[str, float]:
+        ev = self.evaluators[name]
+        if "_eval_params" not in self._eval_steps:
+            self._eval_steps["_eval_params"] = jax.jit(self.task.eval_params)
+        with self._tracing():
+            params, frozen = self._eval_steps["_eval_params"](state.params, state.frozen)
+        context = EvalContext(mesh=self.mesh, step=int(jax.device_get(state.step)),
+                              workdir=self.workdir, writer=writer,
+                              batch_size=ev.config.batch_size or self.config.eval.batch_size)
+        return ev.run(params, frozen, context)
 
     def _run_evaluator(self, name: str, state: TrainState) -> dict[str, float]:
         ev, pc = self.evaluators[name], jax.process_count()
@@ -390,18 +405,14 @@ class Trainer:
                             ckpt.step_path(step), ckpt.move_aside(step))
 
     def check_data(self) -> None:
-        """Open every evaluator's data (its first batch) before anything compiles: a missing
-        file, a bad row or an empty split is reported now, not at the first evaluation."""
+        """Every evaluator's data loaded and checked (:meth:`Evaluator.prepare`) before
+        anything compiles: a missing file, a bad row or an empty split is reported now, not
+        at the first evaluation."""
         pc = jax.process_count()
-        for name, ev in self.evaluators.items():
+        for ev in self.evaluators.values():
             batch_size = ev.config.batch_size or self.config.eval.batch_size
-            batches = ev.batches(batch_size=batch_size // pc, process_index=jax.process_index(),
-                                 process_count=pc)
-            if next(iter(batches), None) is None:
-                raise ConfigError(
-                    f"The data of evaluator {name!r} has no rows: give it a dataset with rows "
-                    f"(evals.{name}.source, or the task's held-out split), or delete "
-                    f"evals.{name}.")
+            ev.prepare(batch_size=batch_size // pc, process_index=jax.process_index(),
+                       process_count=pc)
 
     def loop(self, loop: Loop, hooks: Sequence[Hook]) -> Loop:
         """Step from `loop.step` to `loop.stop_at`, calling every hook after each step, until

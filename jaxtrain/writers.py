@@ -78,6 +78,11 @@ class MetricWriter:
                 self._tb.add_scalar(k.replace("@", "_at_"), float(v), int(step))
         logging.info("step %d | %s", step, " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
 
+    def write_text(self, step: int, tag: str, text: str) -> None:
+        """A text record in tensorboard (e.g. sample completions), process 0 only."""
+        if self._tb is not None:
+            self._tb.add_text(tag, text, int(step))
+
     def close(self) -> None:
         """Flush and close tensorboard; a failure (disk full) is logged, never raised: it
         must not hide the error that ended the run."""

@@ -137,3 +137,48 @@ def test_the_new_pieces_are_checked_like_built_in_ones(registered):
     c.evals.bits.type = "toy_bits_per_tokn"
     with pytest.raises(ConfigError, match="Did you mean 'toy_bits_per_token'"):
         jaxtrain.Trainer(c)
+
+
+@jaxtrain.register_evaluator
+class NormEvaluator(jaxtrain.LoopEvaluator):
+    """A loop evaluator (its own loop, not batches -> step -> metrics): the params' global norm,
+    with a text record of it per evaluation."""
+
+    type = "test_param_norm"
+    prepared = 0
+
+    @classmethod
+    def default_config(cls):
+        return ml_collections.ConfigDict(dict(fail=False))
+
+    def prepare(self, *, batch_size, process_index, process_count):
+        if self.config.fail:
+            raise ConfigError("test_param_norm: no data")
+        NormEvaluator.prepared += 1
+
+    def run(self, params, frozen, context):
+        assert isinstance(context.mesh, jax.sharding.Mesh) and context.batch_size == 64
+        with open(f"{context.workdir}/norms.txt", "a") as f:
+            f.write(f"{context.step}\n")
+        norm = float(jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(params))))
+        context.writer.write_text(context.step, "norm", f"{norm:.6f}")
+        return {"norm": norm}
+
+
+def test_a_loop_evaluator_runs_its_own_loop_and_is_prepared_first(tmp_path):
+    from tests import toy_task
+
+    cfg = toy_task.config(train__steps=8)
+    cfg.evals.norm = jaxtrain.eval_config("test_param_norm", every=4)
+    result = jaxtrain.train(cfg, str(tmp_path / "run"))
+    evals = {r["step"]: r["eval/norm/norm"] for r in result.metrics if "eval/norm/norm" in r}
+    assert sorted(evals) == [4, 8] and NormEvaluator.prepared == 1
+    final = float(jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(
+        result.final_state.params))))
+    assert evals[8] == pytest.approx(final, rel=1e-6)
+    assert (tmp_path / "run" / "norms.txt").read_text().split() == ["4", "8"]
+    assert list((tmp_path / "run" / "tensorboard").glob("events.*"))
+    cfg.evals.norm.fail = True
+    with pytest.raises(ConfigError, match="no data"):
+        jaxtrain.train(cfg, str(tmp_path / "failed"))
+    assert not (tmp_path / "failed" / "metrics.jsonl").exists()  # stopped before any step
