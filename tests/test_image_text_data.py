@@ -558,19 +558,16 @@ def test_errors(tmp_path, pictures):
         pair_rows.eval_batches(d, **{**kw, "num_negatives": 2})
     with pytest.raises(ValueError, match="'number'.*int64.*not text strings"):
         pair_rows.eval_batches(_cfg(name=name, tokenizer="gpt2", text_column="number"), **kw)
-    batches = pair_rows.eval_batches(d, **kw)
-    next(batches)
-    with pytest.raises(ValueError, match=r"Row 2 of .*'text'.*NoneType.*not a string"):
-        next(batches)
-    batches = pair_rows.eval_batches(d, **kw, process_index=1, process_count=2)  # rows 1, 3, 5
-    next(batches)
-    with pytest.raises(ValueError, match=r"Row 5 of .*image in column 'image'.*cannot decode"):
-        next(batches)
-    # In training the error surfaces from the iterator, with the same message.
-    d.max_train_examples = 0
-    it = pair_rows.train_iterator(d, **{**kw, "batch_size": 6}, seed=0)
-    with pytest.raises(Exception, match=r"Row [25] of"):
-        next(it)
+    # Bad rows are found when the data is loaded, before any batch: the first one named.
+    with pytest.raises(ConfigError, match=r"Row 2 of .*the positive text in column 'text' is "
+                       r"missing"):
+        pair_rows.eval_batches(d, **kw)
+    with pytest.raises(ConfigError, match=r"Row 2 of"):
+        pair_rows.train_iterator(d, **{**kw, "batch_size": 4}, seed=0)
+    d.on_bad_row = "skip"  # rows 2 (no text) and 5 (an undecodable image) are dropped
+    batches = list(pair_rows.eval_batches(d, **kw))
+    assert sum(int(b["valid"].sum()) for b in batches) == 4
+    d.on_bad_row = "error"
     with pytest.raises(ValueError, match="larger than the data"):
         pair_rows.train_iterator(_cfg(train_examples=4), **{**kw, "batch_size": 8}, seed=0)
 

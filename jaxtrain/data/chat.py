@@ -48,7 +48,8 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from jaxtrain.data.sources import Builtin, read_examples
+from jaxtrain.data.sanity import BadRows
+from jaxtrain.data.sources import Builtin, read_rows
 from jaxtrain.data.text import pack_pieces
 
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
@@ -395,18 +396,34 @@ def builtin_chat_examples(n: int, seed: int) -> list[dict[str, list[dict[str, st
 
 
 def load_chat_examples(
-    source: str, *, split: str = "train", n: int | None = None, seed: int = 0
+    source: str, *, split: str = "train", n: int | None = None, seed: int = 0,
+    text_fields: Sequence[str] | None = None, on_bad_row: str = "error",
 ) -> list[dict[str, Any]]:
     """Chat rows of ``source`` (:mod:`jaxtrain.data.sources`): ``"builtin"``, a local file or
     directory (an undivided one split as :func:`jaxtrain.data.sources.split_examples` says), or a
     hub dataset.
 
     ``n`` caps the number of rows (for ``"builtin"`` it is the number generated, by default
-    4000 for train and 200 for validation). Rows are returned as dicts for :func:`to_messages`.
+    4000 for train and 200 for validation). Rows are returned as dicts for :func:`to_messages`;
+    a row it cannot read (with ``text_fields``), or an unparseable line of a local file, is
+    bad: an error naming the row, or dropped with ``on_bad_row="skip"``
+    (:mod:`jaxtrain.data.sanity`).
     """
     def generate(name: str) -> list[dict[str, Any]]:
         count = BUILTIN_CHAT_SIZES[name] if n is None else n
         return builtin_chat_examples(count, 2 * seed + (name != "train"))
 
     builtin = Builtin(BUILTIN_CHAT, generate, tuple(BUILTIN_CHAT_SIZES))
-    return read_examples(source, split, builtins={BUILTIN_CHAT: builtin}, n=n)
+    examples, rows = read_rows(source, split, builtins={BUILTIN_CHAT: builtin}, n=n,
+                               on_bad_row=on_bad_row)
+    bad = BadRows(on_bad_row, f"{source!r} (split {split!r})")
+    kept = []
+    for example, row in zip(examples, rows, strict=True):
+        try:
+            to_messages(example, text_fields=text_fields)
+        except ValueError as e:
+            bad.add(f"Row {row}", str(e).rstrip("."))
+            continue
+        kept.append(example)
+    bad.report(len(kept))
+    return kept

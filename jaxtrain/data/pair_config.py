@@ -9,8 +9,9 @@ text), ``t2i`` (text, image), ``t2t`` (text, text) and ``i2i`` (image, image). H
 The keys (:func:`default_data_config`) say where the pairs come from (``name``, ``split``,
 ``eval_split``, ``eval_fraction``, the ``*_column`` keys: :mod:`jaxtrain.data.pair_sources`),
 how texts are tokenised (``tokenizer``) and how images are preprocessed and augmented
-(``image_*``, ``augment``, ``rrc_*``, ``hflip``: :mod:`jaxtrain.data.images`), and how rows are
-prepared (``workers``, ``prefetch``: :mod:`jaxtrain.data.pair_rows`).
+(``image_*``, ``augment``, ``rrc_*``, ``hflip``: :mod:`jaxtrain.data.images`), how rows are
+prepared (``workers``, ``prefetch``: :mod:`jaxtrain.data.pair_rows`), and what a bad row does
+(``on_bad_row``: :mod:`jaxtrain.data.sanity`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import ml_collections
 
 from jaxtrain.config import Rule
 from jaxtrain.data.images import AUGMENTS, CLIP_MEAN, CLIP_STD, INTERPOLATIONS, ImagePreprocess
+from jaxtrain.data.sanity import on_bad_row_rule
 from jaxtrain.data.shapes import NUM_COMBOS, CaptionTokenizer
 from jaxtrain.errors import ConfigError
 
@@ -70,6 +72,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     d.hflip = False  # training: random horizontal flips (off: captions may say left/right)
     d.workers = 0  # 0 = preprocess in this process; > 0 = grain worker processes
     d.prefetch = 2  # batches prepared ahead (threads, or per worker); 0 = synchronous
+    # a bad row (unparseable line, missing cell or image file, undecodable image): 'error' stops
+    # with a message naming the file and row; 'skip' drops it (counted, logged)
+    d.on_bad_row = "error"
     return d
 
 
@@ -104,6 +109,7 @@ def data_config_rules(prefix: str = "data.") -> list[Rule]:
     for key in ("image_column", "text_column", "query_column", "positive_column",
                 "negatives_column"):
         rules.append((key, lambda v: bool(v), "must name a column"))
+    rules.append(on_bad_row_rule(""))
     return [(prefix + key, ok, rule) for key, ok, rule in rules]
 
 

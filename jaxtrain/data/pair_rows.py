@@ -27,6 +27,12 @@ Decoding and preprocessing run per row before batching, lazily, only on this hos
 in the calling process with ``data.workers = 0`` (``data.prefetch`` batches ahead in threads),
 or in ``data.workers`` grain processes, off the training loop's critical path. Either way the
 iterator's ``get_state()/set_state()`` resume exactly.
+
+Bad rows: the rows are checked when they are loaded (:mod:`jaxtrain.data.pair_sources`); a
+row that still fails when prepared (an image outside the decoded sample that does not decode)
+is an error naming the row, or with ``data.on_bad_row='skip'`` is replaced by the next row
+(in the part's order, wrapping) that prepares, with a warning: the substitute depends only on
+the data, so a resumed run sees the same batches.
 """
 
 from __future__ import annotations
@@ -48,7 +54,8 @@ from jaxtrain.data.pair_config import (
     image_preprocess,
     role_modalities,
 )
-from jaxtrain.data.pair_sources import PairRows, load_part
+from jaxtrain.data.pair_sources import PairRows, load_part, on_bad_row
+from jaxtrain.data.sanity import warn_once
 from jaxtrain.data.tokenizers import TextTokenizer
 
 _AUGMENT_TAG = (0xA06E, 0x7A11)  # entropy tag of the augmentation rng (seed, tag, position)
@@ -79,6 +86,7 @@ class RowPreparer:
     where: str
     base_dir: str | None = None
     seed: int | None = None
+    substitutes: Sequence | None = None  # on_bad_row='skip': the raw rows to take one from
 
     def _rng(self, position: int, field: int) -> np.random.Generator | None:
         if self.seed is None:
@@ -108,6 +116,31 @@ class RowPreparer:
             ) from e
 
     def __call__(self, position: int, raw: dict[str, Any]) -> dict[str, np.ndarray]:
+        try:
+            return self.prepare(position, raw)
+        except ValueError as e:
+            if self.substitutes is None:
+                raise
+            return self._substitute(position, raw, e)
+
+    def _substitute(self, position: int, raw: dict[str, Any], error: ValueError
+                    ) -> dict[str, np.ndarray]:
+        """The next row after ``raw`` (wrapping) that prepares, prepared at ``position``."""
+        rows = self.substitutes
+        for k in range(1, len(rows)):
+            other = rows[(raw["__index__"] + k) % len(rows)]
+            try:
+                out = self.prepare(position, other)
+            except ValueError:
+                continue
+            warn_once(f"data.on_bad_row='skip': row {other['__row__']} of {self.where} is used "
+                      f"in place of a bad row found while preparing it: {error}")
+            return out
+        raise ValueError(f"No row of {self.where} can be prepared; the first bad one: "
+                         f"{error}") from error
+
+    def prepare(self, position: int, raw: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The row of arrays of ``raw`` at stream ``position`` (ValueError if it is bad)."""
         row = raw["__row__"]
         out = {"query": self._field(raw["query"], "query", row, self._rng(position, 0)),
                "positive": self._field(raw["positive"], "positive", row, self._rng(position, 1))}
@@ -144,11 +177,13 @@ def build_rows(d: ml_collections.ConfigDict, *, which: str, mode: str, num_negat
     image = image_preprocess(d, image_size)
     part = load_part(d, which, mode=mode, num_negatives=num_negatives, image_size=image_size,
                      seed=seed)
+    rows = PairRows(part.examples, part.columns, rows=part.rows)
     preparer = RowPreparer(kinds=kinds, columns=part.columns, keys=keys,
                            num_negatives=num_negatives, image=image,
                            tokenizer=tokenizer, text_max_len=text_max_len, where=part.where,
-                           base_dir=part.base_dir)
-    return PairRows(part.examples, part.columns, part.offset), preparer
+                           base_dir=part.base_dir,
+                           substitutes=rows if on_bad_row(d) == "skip" else None)
+    return rows, preparer
 
 
 def train_iterator(

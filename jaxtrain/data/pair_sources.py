@@ -24,6 +24,13 @@ Splits: training reads ``data.split``; eval reads ``data.eval_split`` if the dat
 else the last ``data.eval_fraction`` of ``data.split`` (then excluded from training).
 ``max_train_examples`` / ``max_eval_examples`` keep the first rows of each (0 = all). The
 built-in data has its own train and held-out sets (those keys are for datasets).
+
+Checks, when a part is loaded (before the train step compiles): it has rows (none is an
+error); its columns exist and hold what the roles need (:func:`check_columns`); every row's
+cells and a decoded sample of its images (:mod:`jaxtrain.data.pair_checks`), bad rows being an
+error or dropped by ``data.on_bad_row`` (:mod:`jaxtrain.data.sanity`); an eval part of fewer
+than :data:`~jaxtrain.data.sanity.MIN_EVAL_PAIRS` pairs draws a warning (recall@1 over one
+pair is always 1.0).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from jaxtrain.data.pair_checks import row_problems
 from jaxtrain.data.pair_config import (
     PAIR_MODES,
     SHAPES,
@@ -42,8 +50,10 @@ from jaxtrain.data.pair_config import (
     column_keys,
     role_modalities,
 )
-from jaxtrain.data.shapes import ShapesPairs
-from jaxtrain.data.sources import Builtin, Examples, Source, open_source, select
+from jaxtrain.data.sanity import MIN_EVAL_PAIRS, BadRows, check_eval_rows
+from jaxtrain.data.shapes import NUM_COMBOS, ShapesPairs
+from jaxtrain.data.sources import Builtin, Examples, Source, open_source, select, source_rows
+from jaxtrain.errors import ConfigError
 
 BUILTIN_SPLITS = ("train", "validation")  # the built-in data's train and held-out sets
 
@@ -59,7 +69,13 @@ def pair_source(d: ml_collections.ConfigDict, *, mode: str, num_negatives: int, 
             seed=seed if train else seed + SHAPES_EVAL_SEED_OFFSET, unique_combos=not train,
         )
 
-    return open_source(d.name, builtins={SHAPES: Builtin(SHAPES, shapes, BUILTIN_SPLITS)})
+    return open_source(d.name, builtins={SHAPES: Builtin(SHAPES, shapes, BUILTIN_SPLITS)},
+                       on_bad_row=on_bad_row(d))
+
+
+def on_bad_row(d: ml_collections.ConfigDict) -> str:
+    """``data.on_bad_row`` ('error' in configs written before it existed)."""
+    return d.get("on_bad_row", "error")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +84,9 @@ class Part:
 
     examples: Examples
     columns: dict[str, str]  # role -> column of the examples
-    offset: int  # index in the source's split of the first example (for error messages)
+    rows: np.ndarray  # each example's row in the source's split (for messages)
     base_dir: str | None  # relative image paths resolve against it
-    where: str  # "'name' (split 'x')", for error messages
+    where: str  # "'name' (split 'x')", for messages
 
 
 def load_part(d: ml_collections.ConfigDict, which: str, *, mode: str, num_negatives: int,
@@ -82,8 +98,13 @@ def load_part(d: ml_collections.ConfigDict, which: str, *, mode: str, num_negati
     keys = column_keys(mode, num_negatives)
     if isinstance(source, Builtin):
         train = which == "train"
-        return Part(source.read(BUILTIN_SPLITS[not train]), {role: role for role in keys}, 0,
-                    None, f"{d.name!r} ({'train' if train else 'held-out'})")
+        examples = source.read(BUILTIN_SPLITS[not train])
+        where = f"{d.name!r} ({'train' if train else 'held-out'})"
+        if not train:
+            check_eval_rows(where, len(examples), MIN_EVAL_PAIRS, "pair",
+                            f"Raise data.eval_examples (up to {NUM_COMBOS})")
+        return Part(examples, {role: role for role in keys}, np.arange(len(examples)), None,
+                    where)
     train = source.read(d.split)
     if train is None:
         raise ValueError(
@@ -107,27 +128,69 @@ def load_part(d: ml_collections.ConfigDict, which: str, *, mode: str, num_negati
     n = len(train)
     cut = n - max(1, int(round(n * d.eval_fraction))) if held_out else n
     if held_out and cut < 1:
-        raise ValueError(
-            f"{d.name!r} (split {d.split!r}) has {n} rows: too few to hold out an eval part."
+        raise ConfigError(
+            f"{d.name!r} (split {d.split!r}) has {n} rows: too few to hold out an eval part. "
+            "Use more data, or a separate eval set (data.eval_split, evals.<name>.source)."
         )
     if which == "train":
-        ds, offset, where, cap = train, 0, f"split {d.split!r}", d.max_train_examples
+        ds, where, cap = train, f"split {d.split!r}", d.max_train_examples
+        rows = source_rows(source, d.split, n)
         if held_out:
-            ds, where = select(ds, range(cut)), f"split {d.split!r} less its held-out end"
+            ds, rows = select(ds, range(cut)), rows[:cut]
+            where = f"split {d.split!r} less its held-out end"
     else:
         cap = d.max_eval_examples
         if held_out:
-            ds, offset = select(train, range(cut, n)), cut
-            where = f"split {d.split!r}, held-out rows {cut}-{n - 1}"
+            ds, rows = select(train, range(cut, n)), source_rows(source, d.split, n)[cut:]
+            where = f"split {d.split!r}, held-out rows {rows[0]}-{rows[-1]}"
         else:
-            ds, offset, where = evals, 0, f"split {d.eval_split!r}"
+            ds, where = evals, f"split {d.eval_split!r}"
+            rows = source_rows(source, d.eval_split, len(ds))
     if cap and cap < len(ds):
-        ds = select(ds, range(cap))
+        ds, rows = select(ds, range(cap)), rows[:cap]
+    part = Part(ds, {}, rows, source.base_dir, f"{d.name!r} ({where})")
     if len(ds) == 0:
-        raise ValueError(f"{d.name!r} ({where}) has no rows.")
-    part = Part(ds, {}, offset, source.base_dir, f"{d.name!r} ({where})")
-    columns = check_columns(part, d, mode, keys, num_negatives)
-    return dataclasses.replace(part, columns=columns)
+        raise ConfigError(f"{part.where} has no rows: there is nothing to "
+                          f"{'train' if which == 'train' else 'evaluate'} on.")
+    part = dataclasses.replace(part, columns=check_columns(part, d, mode, keys, num_negatives))
+    part = check_rows(part, role_modalities(mode), num_negatives, on_bad_row(d))
+    if which == "eval":
+        check_eval_rows(part.where, len(part.examples), MIN_EVAL_PAIRS, "pair",
+                        _more_eval_rows(d, held_out, n))
+    return part
+
+
+def _more_eval_rows(d: ml_collections.ConfigDict, held_out: bool, n: int) -> str:
+    """How to get a bigger eval set, for messages."""
+    ways = ["point evals.<name>.source at a larger set (read whole)"]
+    if held_out:
+        ways.insert(0, f"raise data.eval_fraction ({d.eval_fraction} of the {n} rows of split "
+                       f"{d.split!r} are held out)")
+    ways.insert(0, "set data.eval_split to a split with more rows")
+    if d.max_eval_examples:
+        ways.insert(0, f"raise data.max_eval_examples ({d.max_eval_examples})")
+    return "For a meaningful eval: " + ", or ".join(ways)
+
+
+def check_rows(part: Part, kinds: dict[str, str], num_negatives: int, policy: str) -> Part:
+    """The part without its bad rows (:func:`jaxtrain.data.pair_checks.row_problems`), by
+    ``data.on_bad_row``: the first is an error, or they are dropped with a warning."""
+    raw = PairRows(part.examples, part.columns, rows=part.rows)
+    problems = row_problems(part.examples, part.columns, kinds, num_negatives, part.base_dir,
+                            raw.__getitem__)
+    if not problems:
+        return part
+    bad = BadRows(policy, part.where)
+    for i in sorted(problems):
+        bad.add(f"Row {part.rows[i]}", problems[i])  # raises at the first with 'error'
+    keep = np.asarray([i for i in range(len(part.examples)) if i not in problems], np.int64)
+    if not len(keep):
+        first = min(problems)
+        raise ConfigError(f"Every row of {part.where} is bad ({len(problems)} rows; row "
+                          f"{part.rows[first]}: {problems[first]}). Fix the data or the "
+                          "data.*_column keys.")
+    bad.report(len(keep))
+    return dataclasses.replace(part, examples=select(part.examples, keep), rows=part.rows[keep])
 
 
 def _is_list(feature: Any) -> bool:
@@ -166,46 +229,30 @@ def check_columns(part: Part, d: ml_collections.ConfigDict, mode: str, keys: dic
                     f"of {kinds[role]}s per row; data.negatives_column must be a list column."
                 )
             feature = _list_item(feature)
-        is_text = isinstance(feature, datasets.Value) and feature.dtype in (
-            "string", "large_string")
+        is_text = isinstance(feature, datasets.Json) or (  # Json: mixed, checked per row
+            isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"))
         if kinds[role] == "text" and not is_text:
             raise ValueError(
                 f"The {role} column {col!r} of {part.where} holds {feature}, not text strings; "
                 f"set data.{keys[role]} to a text column."
             )
-    if num_negatives:
-        _check_negatives_length(part, columns["negatives"], num_negatives)
     return columns
 
 
-def _check_negatives_length(part: Part, column: str, num_negatives: int) -> None:
-    import pyarrow.compute as pc
-
-    ds = part.examples
-    if getattr(ds, "_indices", None) is not None:  # a selection: checked row by row
-        return
-    lengths = pc.list_value_length(ds.data.column(column)).to_numpy(zero_copy_only=False)
-    short = np.nonzero(np.nan_to_num(lengths.astype(float), nan=0) < num_negatives)[0]
-    if len(short):
-        i = int(short[0])
-        raise ValueError(
-            f"Row {part.offset + i} of {part.where} has {int(np.nan_to_num(lengths[i]))} "
-            f"negatives in column {column!r}, fewer than num_negatives={num_negatives} "
-            f"({len(short)} rows are short). Use fewer negatives or drop those rows."
-        )
-
-
 class PairRows(Sequence):
-    """Raw rows ``{"query", "positive"[, "negatives"], "__row__"}`` of examples (``__row__``:
-    the row's index in its split, for messages). A dataset is read as arrow: nothing is decoded,
+    """Raw rows ``{"query", "positive"[, "negatives"], "__row__", "__index__"}`` of examples
+    (``__row__``: the row's number in its split, for messages: ``rows[i]``, else ``offset +
+    i``; ``__index__``: its index here). A dataset is read as arrow: nothing is decoded,
     images stay bytes/paths until the row is prepared."""
 
-    def __init__(self, examples: Examples, columns: dict[str, str], offset: int = 0) -> None:
+    def __init__(self, examples: Examples, columns: dict[str, str], offset: int = 0,
+                 rows: np.ndarray | None = None) -> None:
         self.columns = dict(columns)
         self.is_dataset = hasattr(examples, "select_columns")
         if self.is_dataset:
             examples = examples.select_columns(sorted(set(columns.values()))).with_format("arrow")
         self.examples, self.offset = examples, offset
+        self.rows = None if rows is None else np.asarray(rows)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -216,5 +263,6 @@ class PairRows(Sequence):
             raise IndexError(f"row {index} out of range for {len(self.examples)} rows")
         row = self.examples[i].to_pylist()[0] if self.is_dataset else self.examples[i]
         out = {role: row[col] for role, col in self.columns.items()}
-        out["__row__"] = self.offset + i
+        out["__row__"] = self.offset + i if self.rows is None else int(self.rows[i])
+        out["__index__"] = i
         return out

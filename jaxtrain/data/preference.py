@@ -70,7 +70,8 @@ from jaxtrain.data.chat import (
     chat_prompt,
     chat_template_of,
 )
-from jaxtrain.data.sources import Builtin, read_examples
+from jaxtrain.data.sanity import BadRows
+from jaxtrain.data.sources import Builtin, read_rows
 from jaxtrain.data.text import PAD_ID
 
 SIDES: tuple[str, ...] = ("chosen", "rejected")
@@ -382,7 +383,8 @@ def builtin_preference_examples(n: int, seed: int) -> list[dict[str, list[dict[s
 
 
 def load_preference_examples(
-    source: str, *, split: str = "train", n: int | None = None, seed: int = 0
+    source: str, *, split: str = "train", n: int | None = None, seed: int = 0,
+    on_bad_row: str = "error",
 ) -> list[dict[str, Any]]:
     """Preference rows of ``source`` (:mod:`jaxtrain.data.sources`): ``"builtin"``, a local file
     or directory (an undivided one split as :func:`jaxtrain.data.sources.split_examples` says),
@@ -390,11 +392,25 @@ def load_preference_examples(
 
     ``n`` caps the number of rows (for ``"builtin"`` it is the number generated, by default
     2000 for train and 200 for validation). Rows are returned as dicts for
-    :func:`preference_rows`.
+    :func:`preference_rows`; a row :func:`to_preference` cannot read, or an unparseable line of
+    a local file, is bad: an error naming the row, or dropped with ``on_bad_row="skip"``
+    (:mod:`jaxtrain.data.sanity`).
     """
     def generate(name: str) -> list[dict[str, Any]]:
         count = BUILTIN_PREFERENCE_SIZES[name] if n is None else n
         return builtin_preference_examples(count, 2 * seed + (name != "train"))
 
     builtin = Builtin(BUILTIN_PREFERENCE, generate, tuple(BUILTIN_PREFERENCE_SIZES))
-    return read_examples(source, split, builtins={BUILTIN_PREFERENCE: builtin}, n=n)
+    examples, rows = read_rows(source, split, builtins={BUILTIN_PREFERENCE: builtin}, n=n,
+                               on_bad_row=on_bad_row)
+    bad = BadRows(on_bad_row, f"{source!r} (split {split!r})")
+    kept = []
+    for example, row in zip(examples, rows, strict=True):
+        try:
+            to_preference(example, int(row))
+        except ValueError as e:
+            bad.add(f"Row {row}", str(e).rstrip("."))
+            continue
+        kept.append(example)
+    bad.report(len(kept))
+    return kept

@@ -69,6 +69,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from jaxtrain.data.sanity import BadRows
 from jaxtrain.data.sources import (
     SPLITS,
     Builtin,
@@ -76,9 +77,10 @@ from jaxtrain.data.sources import (
     column_names,
     open_source,
     package_dir,
-    split_examples,
+    split_rows,
     take,
 )
+from jaxtrain.errors import ConfigError
 
 ROW_KEYS: tuple[str, ...] = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 ROW_DTYPES: dict[str, type] = {
@@ -147,14 +149,18 @@ def load_documents(
     split: str = "train",
     text_field: str = "text",
     max_documents: int | None = None,
+    on_bad_row: str = "error",
 ) -> list[str]:
     """The text documents of ``source``: ``"shakespeare"``, a local path, or a hub dataset.
 
-    Rows whose text is None or empty are skipped; at most ``max_documents`` rows are read.
+    Rows whose text is None or empty are skipped; at most ``max_documents`` rows are read. A
+    row whose text is not a string (or an unparseable line of a local file) is bad: an error
+    naming the row, or dropped with ``on_bad_row="skip"`` (:mod:`jaxtrain.data.sanity`).
     """
     builtin = Builtin(BUILTIN_TEXT, lambda s: [{text_field: d} for d in shakespeare_documents(s)],
                       SPLITS)
-    examples = split_examples(open_source(source, builtins={BUILTIN_TEXT: builtin}), split)
+    examples, rows = split_rows(
+        open_source(source, builtins={BUILTIN_TEXT: builtin}, on_bad_row=on_bad_row), split)
     if text_field not in column_names(examples):
         raise ValueError(
             f"The text field {text_field!r} is not a column of {source!r} (split {split!r}); "
@@ -163,17 +169,18 @@ def load_documents(
     if max_documents is not None:
         examples = take(examples, max_documents)
     docs = []
+    bad = BadRows(on_bad_row, f"{source!r} (split {split!r})")
     for i, value in enumerate(column(examples, text_field)):
         if value is None or value == "":
             continue
         if not isinstance(value, str):
-            raise ValueError(
-                f"Row {i} of {source!r} (split {split!r}) has a {type(value).__name__} in the "
-                f"text field {text_field!r}, not a string: {str(value)[:100]!r}."
-            )
+            bad.add(f"Row {rows[i]}", f"the text field {text_field!r} holds a "
+                    f"{type(value).__name__}, not a string: {str(value)[:100]!r}")
+            continue
         docs.append(value)
+    bad.report(len(docs))
     if not docs:
-        raise ValueError(f"{source!r} (split {split!r}) has no non-empty {text_field!r} rows.")
+        raise ConfigError(f"{source!r} (split {split!r}) has no non-empty {text_field!r} rows.")
     return docs
 
 

@@ -62,6 +62,13 @@ class ZeroShotEvaluator(Evaluator):
             text_max_len=m.text_max_len, seed=self.task.config.seed,
             tokenizer=self.task.tokenizer, prefix=f"evals.{self.name}.")
 
+    def prepare(self, *, batch_size, process_index, process_count):
+        """Read the labelled set now (its checks run); a disabled evaluator (no labelled set
+        for this data) has nothing to check."""
+        if self.labelled_set is not None:
+            super().prepare(batch_size=batch_size, process_index=process_index,
+                            process_count=process_count)
+
     def batches(self, *, batch_size, process_index, process_count):
         """The labelled images, then the class prompts ([classes, templates, T])."""
         kw = dict(batch_size=batch_size, process_index=process_index,

@@ -32,6 +32,7 @@ from absl import logging
 from ml_collections import config_dict
 
 from jaxtrain.config import ConfigError, base_config
+from jaxtrain.data.sanity import MIN_EVAL_PREFERENCE_PAIRS, check_eval_rows, on_bad_row_rule
 from jaxtrain.evaluators import eval_config
 from jaxtrain.losses.lm import token_kl
 from jaxtrain.losses.preference import LOSS_TYPES, preference_loss, sequence_logps
@@ -65,6 +66,7 @@ class DPOTask(Task):
             train_examples=2000,  # built-in sizes
             eval_examples=200,
             cache_dir="",
+            on_bad_row="error",  # a bad row: 'error' (names file and row) | 'skip' (dropped)
         ))
         c.dpo = ml_collections.ConfigDict(dict(
             beta=0.1, loss_type="sigmoid", label_smoothing=0.0, reference="model"))
@@ -89,6 +91,7 @@ class DPOTask(Task):
              "must be 'model', 'precomputed' or 'none'"),
             ("data.max_length", lambda v: v > 1, "must be > 1"),
             ("data.max_prompt_length", lambda v: v >= 1, "must be >= 1"),
+            on_bad_row_rule(),
         ]
 
     def __init__(self, config: ml_collections.ConfigDict):
@@ -211,7 +214,8 @@ class DPOTask(Task):
         if source == preference.BUILTIN_PREFERENCE:
             limit = d.train_examples if split == "train" else d.eval_examples
         examples = preference.load_preference_examples(source, split=split_name, n=limit,
-                                                       seed=self.config.seed)
+                                                       seed=self.config.seed,
+                                                       on_bad_row=d.get("on_bad_row", "error"))
         tok = self.tokenizer
         precompute = self.config.dpo.reference == "precomputed"
 
@@ -232,6 +236,13 @@ class DPOTask(Task):
         if precompute and "ref_chosen_logps" not in rows:
             raise ValueError("dpo.reference='precomputed' but the rows have no reference "
                              "log-probs.")
+        if split != "train":
+            check_eval_rows(
+                f"{source!r} (split {split_name!r})", len(rows["chosen_inputs"]),
+                MIN_EVAL_PREFERENCE_PAIRS, "preference pair",
+                "For a meaningful eval: set data.eval_source (a separate file, read whole) or "
+                "evals.<name>.source to a larger set, or use more data in data.source (a "
+                "local source without splits holds out every 50th row)")
         return rows
 
     def _reference_logps(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -36,6 +36,7 @@ from absl import logging
 from ml_collections import config_dict
 
 from jaxtrain.config import ConfigError, base_config
+from jaxtrain.data.sanity import MIN_EVAL_LM_ROWS, check_eval_rows, on_bad_row_rule
 from jaxtrain.evaluators import eval_config
 from jaxtrain.losses.lm import distillation_loss, next_token_loss, token_cross_entropy
 from jaxtrain.losses.router import router_losses
@@ -109,6 +110,7 @@ class LMTask(Task):
             eval_rows=256,  # evaluate on at most this many rows (0 = all)
             curriculum="",  # e.g. '32:100,64:200'
             cache_dir="",  # tokenized rows cache (default ~/.cache/jaxtrain/rows)
+            on_bad_row="error",  # a bad row: 'error' (names file and row) | 'skip' (dropped)
         ))
         c.loss = ml_collections.ConfigDict(dict(
             z_loss=0.0, load_balance=0.01, balance_deviation=0.0, router_z=0.001))
@@ -132,6 +134,7 @@ class LMTask(Task):
             ("data.mode", lambda v: v in ("concat", "pack"), "must be 'concat' or 'pack'"),
             ("data.seq_len", lambda v: v > 0, "must be > 0"),
             ("data.eval_rows", lambda v: v >= 0, "must be >= 0 (0 = all)"),
+            on_bad_row_rule(),
             ("distill.alpha", lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
             ("distill.temperature", lambda v: v > 0, "must be > 0"),
             ("loss.z_loss", lambda v: v >= 0, "must be >= 0"),
@@ -253,7 +256,8 @@ class LMTask(Task):
         limit = d.max_documents or None
         if d.kind == "text":
             docs = text.load_documents(source, split=split_name, text_field=d.text_field,
-                                       max_documents=limit)
+                                       max_documents=limit,
+                                       on_bad_row=d.get("on_bad_row", "error"))
             build = lambda: text.pretrain_rows(docs, tok, seq_len=d.seq_len, mode=d.mode)  # noqa: E731
             key = text.rows_cache_key(source=source, split=split, tokenizer_name=d.tokenizer,
                                       tokenizer=tok, seq_len=d.seq_len, mode=d.mode,
@@ -263,9 +267,10 @@ class LMTask(Task):
 
             if source == chat.BUILTIN_CHAT:
                 limit = d.train_examples if split == "train" else d.eval_examples
-            examples = chat.load_chat_examples(source, split=split_name, n=limit,
-                                               seed=self.config.seed)
             fields = [f.strip() for f in d.text_fields.split(",") if f.strip()] or None
+            examples = chat.load_chat_examples(source, split=split_name, n=limit,
+                                               seed=self.config.seed, text_fields=fields,
+                                               on_bad_row=d.get("on_bad_row", "error"))
             build = lambda: chat.sft_rows(examples, tok, seq_len=d.seq_len,  # noqa: E731
                                           packing=d.packing, text_fields=fields)
             key = text.rows_cache_key(
@@ -275,8 +280,15 @@ class LMTask(Task):
                 text_fields=fields)
         rows = text.cached_rows(key, build, d.cache_dir or None)
         if not len(rows["inputs"]):
-            raise ValueError(f"data.source {source!r} ({split}) gave no rows of "
-                             f"{d.seq_len} tokens: use more data or a shorter data.seq_len.")
+            raise ConfigError(f"data.source {source!r} ({split}) gave no rows of "
+                              f"{d.seq_len} tokens: use more data or a shorter data.seq_len.")
+        if split != "train":
+            check_eval_rows(
+                f"{source!r} (split {split_name!r})", len(rows["inputs"]), MIN_EVAL_LM_ROWS,
+                "token row",
+                "For a meaningful eval: set data.eval_source (a separate file, read whole) or "
+                "evals.<name>.source to a larger set, or use more data in data.source (a "
+                "local source without splits holds out every 50th row)")
         return rows
 
     def train_iterator(self, *, seed, batch_size, process_index, process_count):
