@@ -337,3 +337,30 @@ def test_ctrl_c_saves_exits_42_and_the_rerun_resumes(tmp_path):
     rerun = toy_cli(tmp_path, f"--config.train.steps={saved[0] + 5}")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"Resuming from {tmp_path}/checkpoints/{saved[0]}" in rerun.stderr
+
+
+@pytest.mark.slow
+def test_bad_data_through_the_command_line_is_exit_2_naming_file_and_line(tmp_path):
+    """A caption that is not UTF-8, in a CLIP run's jsonl: one message, before compiling."""
+    from PIL import Image
+
+    from tests.test_bad_data import N, _pairs
+
+    (tmp_path / "img").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(N):  # _pairs' rows point at img/<i>.png
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), np.uint8)).save(
+            tmp_path / "img" / f"{i}.png")
+    bad = b'{"image": "img/5.png", "text": "caf\xe9"}'  # Latin-1, not UTF-8
+    data = _pairs(tmp_path / "pairs.jsonl", lines={5: bad})
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxtrain.main", f"--config={ROOT}/configs/clip.py:runlocal",
+         f"--workdir={tmp_path / 'run'}", f"--config.data.name={data}",
+         "--config.data.tokenizer=gpt2", "--config.model.vocab_size=50304"],
+        env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    error = [x for x in proc.stderr.splitlines() if "cli.py" in x]
+    assert len(error) == 1 and "Line 6 (row 5)" in error[0] and "pairs.jsonl" in error[0]
+    assert "not UTF-8" in error[0] and "on_bad_row='skip'" in error[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before any step
