@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxtrain.axes import BATCH_AXES, MESH_AXES
-from jaxtrain.config import ConfigError
+from jaxtrain.errors import ConfigError
 from jaxtrain.tree import key_name
 
 # logical name -> mesh axes. First match wins (flax semantics); unknown names are replicated.

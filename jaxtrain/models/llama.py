@@ -25,7 +25,12 @@ Parameter tree (names follow Hugging Face's so :mod:`jaxtrain.hf.llama` is a ren
     norm/scale                                     [D]
     lm_head/kernel                                 [D, V]      (absent when tied)
 
-With ``scan_layers`` the ``layers_{i}`` subtrees are stacked into one ``layers`` subtree.
+With ``scan_layers`` the ``layers_{i}`` subtrees are stacked into one ``layers`` subtree
+(:func:`unstack_layers` turns such a tree back into the unrolled layout).
+
+KV cache (incremental decoding, unrolled layers only): ``Llama(cfg).apply(..., cache=cache)``
+with a cache from :func:`init_cache` writes the new tokens' keys and values at slots
+``index .. index + T - 1`` and attends over the cache; see :class:`Llama`.
 """
 
 from __future__ import annotations
@@ -258,11 +263,44 @@ class Projection(nn.Module):
         return y
 
 
+def cache_attention_mask(valid: Array, index: Array, positions: Array, window: int) -> Array:
+    """[B, 1, T, S] bool: which cache slots each of the T new queries attends to.
+
+    The new tokens sit at slots ``index + i`` (i < T); ``valid`` [B, S] marks the slots that hold
+    real tokens (the new ones already written). A key slot's position is the number of valid
+    slots before it, ``key_pos = cumsum(valid) - 1`` (positions count real tokens from 0, so left
+    padding shifts slots but not positions). Query i of row b attends to slot s iff
+
+        valid[b, s]  and  s <= index + i  and  (window == 0 or positions[b, i] - key_pos[b, s]
+        < window)
+
+    or s == index + i (a padding query attends to itself alone: no empty softmax).
+    """
+    t, s = positions.shape[1], valid.shape[1]
+    q_slot = index + jnp.arange(t, dtype=jnp.int32)  # [T]
+    k_slot = jnp.arange(s, dtype=jnp.int32)  # [S]
+    causal = k_slot[None, :] <= q_slot[:, None]  # [T, S]
+    mask = valid[:, None, :] & causal[None]  # [B, T, S]
+    if window:
+        key_pos = jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1  # [B, S]
+        mask &= (positions[:, :, None] - key_pos[:, None, :]) < window
+    mask |= (k_slot[None, :] == q_slot[:, None])[None]
+    return mask[:, None]
+
+
 class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE. With ``cache`` (a dict holding the whole model's
+    ``k``, ``v`` [L, B, S, K, Dh], the write slot ``index`` and the attention ``mask`` [B, 1, T,
+    S] of :func:`cache_attention_mask`), the new keys and values are written into layer
+    ``layer``'s slots ``index ..`` and the queries attend over that layer's cache; then it
+    returns ``(out, cache with k and v updated)``."""
+
     cfg: LlamaConfig
+    layer: int = 0  # this layer's index in a KV cache's leading axis
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array | None) -> Array:
+    def __call__(self, x: Array, positions: Array, mask: Array | None,
+                 cache: dict[str, Array] | None = None):
         cfg = self.cfg
         dt, dh = cfg.compute_dtype, cfg.head_size
         init = _dense_init(cfg)
@@ -276,14 +314,27 @@ class Attention(nn.Module):
         v = proj("v_proj", cfg.num_kv_heads, "kv_heads")
         q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
         q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-        window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
-        out = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=True, local_window_size=window,
-            implementation=cfg.attention_impl,
-        )
+        if cache is None:
+            window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
+            out = jax.nn.dot_product_attention(
+                q, k, v, mask=mask, is_causal=True, local_window_size=window,
+                implementation=cfg.attention_impl,
+            )
+        else:
+            # Write this layer's new keys/values into the whole cache (one buffer: XLA can
+            # update it in place), then attend over the layer's slots. XLA attention: cuDNN's
+            # fused kernel takes no arbitrary mask.
+            at = (self.layer, 0, cache["index"], 0, 0)
+            ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype)[None], at)
+            cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype)[None], at)
+            cache = {**cache, "k": ck, "v": cv}
+            out = jax.nn.dot_product_attention(
+                q, ck[self.layer].astype(dt), cv[self.layer].astype(dt), mask=cache["mask"],
+                implementation="xla")
         out = checkpoint_name(out, "attention_out")
-        return Projection((x.shape[-1],), ("heads", "head_dim", "embed"), False, dt, init,
-                          in_dims=2, name="o_proj")(out)
+        out = Projection((x.shape[-1],), ("heads", "head_dim", "embed"), False, dt, init,
+                         in_dims=2, name="o_proj")(out)
+        return out if cache is None else (out, cache)
 
 
 class SwiGLU(nn.Module):
@@ -304,16 +355,22 @@ class SwiGLU(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """One pre-norm block. Returns (x, router stats) — the stats are {} for a dense block."""
+    """One pre-norm block. Returns (x, router stats) — the stats are {} for a dense block — or,
+    with a KV ``cache`` (see :class:`Attention`), (x, stats, updated cache)."""
 
     cfg: LlamaConfig
+    layer: int = 0  # this block's index in a KV cache's leading axis
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array | None):
+    def __call__(self, x: Array, positions: Array, mask: Array | None,
+                 cache: dict[str, Array] | None = None):
         cfg = self.cfg
         x = nn.with_logical_constraint(x, ACT)
         h = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="input_layernorm")(x)
-        x = x + Attention(cfg, name="self_attn")(h, positions, mask)
+        attn = Attention(cfg, layer=self.layer, name="self_attn")(h, positions, mask, cache)
+        if cache is not None:
+            attn, cache = attn
+        x = x + attn
         h = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="post_attention_layernorm")(x)
         if cfg.num_experts:
             h, stats = MoE(cfg.num_experts, cfg.num_experts_per_tok,
@@ -323,16 +380,42 @@ class DecoderBlock(nn.Module):
         else:
             h, stats = SwiGLU(cfg, name="mlp")(h), {}
         x = nn.with_logical_constraint(x + h, ACT)
-        return x, stats
+        return (x, stats) if cache is None else (x, stats, cache)
 
 
 class Llama(nn.Module):
-    """The decoder. ``__call__(tokens, positions=None, segment_ids=None)`` returns
+    """The decoder. ``__call__(tokens, positions=None, segment_ids=None, cache=None,
+    last_logits_only=False)`` returns
     ``(logits [B, T, V] float32, aux)``; ``aux`` holds ``hidden`` (the final normed hidden
     states) and, with MoE layers, their router statistics stacked over the L layers:
     ``router_logits`` [L, B, T, C], ``expert_index`` [L, B, T, k], ``dropped_fraction`` [L]
     (see :class:`jaxtrain.models.moe.MoE`; :func:`jaxtrain.losses.router.router_losses` turns
-    them into the router losses)."""
+    them into the router losses).
+
+    KV cache (incremental decoding). ``cache`` is a dict from :func:`init_cache`::
+
+        k, v   [L, B, S, K, Dh]  (compute dtype)  keys / values of the tokens seen so far
+        index  int32 scalar                       the slot where the new tokens go
+        valid  bool [B, S]                        slots holding real tokens (padding: False)
+
+    The T new tokens are written at slots ``index .. index + T - 1`` (the caller keeps
+    ``index + T <= S``: ``dynamic_update_slice`` would clamp, not fail); with ``segment_ids``
+    only padding is read from them (0 = padding, any other value = a real token; packed
+    segments are not supported with a cache), without them every new token is real. Each new
+    query attends to the valid slots at or before its own slot, and with ``sliding_window``
+    only to keys whose position is within the window of its position
+    (:func:`cache_attention_mask`; a key's position is the count of valid slots before it).
+    ``positions`` default to those counts too (0.. from a row's first real token), which is
+    what a left-padded batch needs. ``aux["cache"]`` is the updated cache (index advanced by
+    T). Only unrolled layers (``scan_layers=False``; :func:`unstack_layers` converts scanned
+    parameters); remat is ignored. An MoE model drops no token only when each expert's
+    capacity covers the whole group: decode with ``dataclasses.replace(cfg, capacity_factor=
+    num_experts / num_experts_per_tok)`` (capacity = T, the tokens of a row in this call).
+
+    ``last_logits_only=True`` computes the logits of the last position alone ([B, 1, V]; a
+    prefill needs no others, and the output layer is most of its cost for a large vocabulary);
+    ``aux["hidden"]`` stays [B, T, D].
+    """
 
     cfg: LlamaConfig
 
@@ -342,12 +425,31 @@ class Llama(nn.Module):
         tokens: Array,
         positions: Array | None = None,
         segment_ids: Array | None = None,
+        cache: dict[str, Array] | None = None,
+        last_logits_only: bool = False,
     ) -> tuple[Array, dict[str, Array]]:
         cfg = self.cfg
         b, t = tokens.shape
-        if positions is None:
+        if cache is not None:
+            if cfg.scan_layers:
+                raise ValueError(
+                    "Llama: a KV cache needs unrolled layers, but this config has "
+                    "scan_layers=True: decode with dataclasses.replace(cfg, scan_layers=False) "
+                    "and the parameters converted by jaxtrain.models.llama.unstack_layers.")
+            index = jnp.asarray(cache["index"], jnp.int32)
+            new_valid = (jnp.ones((b, t), bool) if segment_ids is None
+                         else jnp.asarray(segment_ids) != 0)
+            valid = jax.lax.dynamic_update_slice(cache["valid"], new_valid, (0, index))
+            if positions is None:
+                counted = jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1
+                positions = jnp.maximum(
+                    jax.lax.dynamic_slice_in_dim(counted, index, t, axis=1), 0)
+            layer_cache = {"k": cache["k"], "v": cache["v"], "index": index,
+                           "mask": cache_attention_mask(valid, index, positions,
+                                                        cfg.sliding_window)}
+        elif positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        mask = segment_mask(segment_ids)
+        mask = segment_mask(segment_ids) if cache is None else None
         embed = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
             embedding_init=partitioned(_dense_init(cfg), ("vocab", "embed")), name="embed_tokens",
@@ -357,9 +459,18 @@ class Llama(nn.Module):
 
         policy = REMAT_POLICIES[cfg.remat_policy]
         block = DecoderBlock
-        if cfg.remat_policy != "none":
+        if cfg.remat_policy != "none" and cache is None:
             block = nn.remat(block, policy=policy, prevent_cse=not cfg.scan_layers)
-        if cfg.scan_layers:
+        if cache is not None:
+            per_layer = []
+            for i in range(cfg.num_layers):
+                x, s, layer_cache = block(cfg, layer=i, name=f"layers_{i}")(
+                    x, positions, None, layer_cache)
+                per_layer.append(s)
+            stats = jax.tree.map(lambda *s: jnp.stack(s), *per_layer) if per_layer[0] else {}
+            stats["cache"] = {"k": layer_cache["k"], "v": layer_cache["v"],
+                              "index": index + t, "valid": valid}
+        elif cfg.scan_layers:
             scanned = nn.scan(
                 block,
                 variable_axes={"params": 0},
@@ -376,13 +487,14 @@ class Llama(nn.Module):
                 per_layer.append(s)
             stats = jax.tree.map(lambda *s: jnp.stack(s), *per_layer) if per_layer[0] else {}
         x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="norm")(x)
+        head_in = x[:, -1:] if last_logits_only else x
         if cfg.tie_embeddings:
-            logits = embed.attend(x)
+            logits = embed.attend(head_in)
         else:
             logits = nn.Dense(
                 cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
                 kernel_init=partitioned(_dense_init(cfg), ("embed", "vocab")), name="lm_head",
-            )(x)
+            )(head_in)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
         return logits.astype(jnp.float32), {**stats, "hidden": x}
 
@@ -391,6 +503,30 @@ def init_params(cfg: LlamaConfig, rng: Array, seq_len: int = 8) -> Any:
     """Boxed (logically partitioned) parameters of a fresh model."""
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     return Llama(cfg).init(rng, tokens)["params"]
+
+
+def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype: Any = None) -> dict[str, Array]:
+    """An empty KV cache for ``batch`` rows of ``length`` slots (see :class:`Llama`):
+    ``k``, ``v`` zeros [L, batch, length, K, Dh] in ``dtype`` (default: the compute dtype),
+    ``index`` 0, ``valid`` all False."""
+    dtype = cfg.compute_dtype if dtype is None else dtype
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_size)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "index": jnp.zeros((), jnp.int32), "valid": jnp.zeros((batch, length), bool)}
+
+
+def unstack_layers(params: Mapping[str, Any], num_layers: int | None = None) -> dict[str, Any]:
+    """Scanned parameters (``layers/...`` with a leading axis of size L) in the unrolled layout
+    (``layers_{i}/...`` = ``layers/...[i]``); a tree without ``layers`` is returned as is.
+    Works on numpy (views, nothing copied) and jax arrays."""
+    if "layers" not in params:
+        return dict(params)
+    stacked = params["layers"]
+    n = num_layers or jax.tree.leaves(stacked)[0].shape[0]
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(n):
+        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return out
 
 
 def inference_inputs(cfg: LlamaConfig, batch_size: int,
