@@ -9,11 +9,14 @@ Data: rows in `messages` (role/content), `conversations` (ShareGPT from/value),
 `prompt`/`response` (or instruction/output) format, or `data.text_fields="question,answer"`.
 The tokenizer's chat template is used, ChatML when it has none.
 `init_from` (a Hugging Face directory or a jaxtrain workdir) sets the model's shape and weights.
+Evals: `val` (perplexity of the held-out answers) and `generation` (greedy answers to the
+held-out prompts: BLEU, ROUGE, exact match; samples in <workdir>/samples/generation/).
 
 Variants: runlocal, steps=N, nopack (one conversation per row), size=tiny|small.
 """
 
 from jaxtrain.config import parse_variants
+from jaxtrain.evaluators import eval_config
 from jaxtrain.tasks.lm import LMTask
 
 
@@ -48,6 +51,9 @@ def get_config(arg: str | None = None):
     c.checkpoint.keep = 2
     c.checkpoint.best_metric = "eval/val/loss"
     c.checkpoint.best_mode = "min"
+    # Greedy answers to the held-out conversations' last user turns, scored against the
+    # reference answers: eval/generation/{bleu,rouge1,rouge2,rougeL,exact_match,...}.
+    c.evals.generation = eval_config("generation", max_examples=100, max_new_tokens=32)
     if "runlocal" in args:
         c.model.update(dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                             intermediate_size=64))
@@ -61,6 +67,7 @@ def get_config(arg: str | None = None):
         c.eval.every = 10
         c.eval.batch_size = 16
         c.checkpoint.every = 10
+        c.evals.generation.max_examples = 16
     if "steps" in args:
         c.train.steps = int(args["steps"])
     c.lock()

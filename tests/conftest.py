@@ -53,7 +53,8 @@ assert jax.device_count() == 8, "tests expect 8 CPU devices: import jax only aft
 # Modules whose module-scoped fixture is a training run that several of their tests read. xdist's
 # default `--dist load` hands a module's tests to both workers, and each would make the run.
 SHARED_RUN_MODULES = ("tests/test_clip_task.py", "tests/test_dpo_task.py", "tests/test_export.py",
-                      "tests/test_lora.py")
+                      "tests/test_lora.py", "tests/test_generation_eval.py",
+                      "tests/test_generate_cli.py")
 
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)

@@ -1,7 +1,8 @@
 """Evaluator types by name, and building a run's evaluators from `config.evals`.
 
 Built-in types: ``retrieval`` and ``zero_shot`` (contrastive task), ``perplexity`` (LM task),
-``preference`` (DPO task). Add one with :func:`register_evaluator` (a subclass of
+``preference`` (DPO task), ``generation`` (LM and DPO tasks: decoded completions scored by
+BLEU / ROUGE / exact match). Add one with :func:`register_evaluator` (a subclass of
 :class:`jaxtrain.evaluator.Evaluator` with a unique `type`).
 """
 
@@ -19,6 +20,7 @@ EVALUATORS = Registry("evaluator", "evals.<name>.type", {
     "zero_shot": "jaxtrain.evaluators.zero_shot:ZeroShotEvaluator",
     "perplexity": "jaxtrain.evaluators.perplexity:PerplexityEvaluator",
     "preference": "jaxtrain.evaluators.preference:PreferenceEvaluator",
+    "generation": "jaxtrain.evaluators.generation:GenerationEvaluator",
 })
 
 

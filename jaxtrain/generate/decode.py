@@ -183,14 +183,19 @@ class Generator:
         self.pad_id = int(pad_id)
         self.max_context = max_context
         self.mesh = mesh if mesh is not None else make_mesh({"data": -1})
-        abstract = jax.eval_shape(lambda: init_params(self.cfg, jax.random.key(0)))
-        params = unstack_layers(nn.unbox(params), cfg.num_layers)
-        _check_fits(params, nn.unbox(abstract))
-        self.param_shardings = logical_shardings(abstract, self.mesh)
+        self._abstract = jax.eval_shape(lambda: init_params(self.cfg, jax.random.key(0)))
+        self.param_shardings = logical_shardings(self._abstract, self.mesh)
+        self.set_params(params)
+        self._compiled: dict[tuple, Any] = {}
+
+    def set_params(self, params: Any) -> None:
+        """Decode with these weights from now on (same model: checked), placed like the first
+        ones, keeping the compiled programs (an evaluator decoding each new checkpoint)."""
+        params = unstack_layers(nn.unbox(params), self.cfg.num_layers)
+        _check_fits(params, nn.unbox(self._abstract))
         self.params = jax.tree_util.tree_map_with_path(
             lambda p, x, s: _put(x, s, _storage_dtype(path_str(p), self.cfg)),
             params, self.param_shardings)
-        self._compiled: dict[tuple, Any] = {}
 
     @property
     def compiled_keys(self) -> tuple[tuple, ...]:

@@ -280,6 +280,29 @@ class DPOTask(Task):
                                      batch_size=batch_size,
                                      process_index=process_index, process_count=process_count)
 
+    def heldout_prompts(self, *, source: str = "", max_examples: int = 0,
+                        continuation_tokens: int = 32) -> list:
+        """(prompt, reference) pairs (:class:`jaxtrain.generate.heldout.HeldoutPrompt`) of the
+        held-out preference pairs, or of all of `source`, for the generation evaluator: each
+        pair's prompt rendered with the chat template and the assistant header (longer than
+        ``data.max_prompt_length`` tokens: its last ones, as in training), and its chosen
+        answer as the reference; at most `max_examples` (0 = all). `continuation_tokens` is
+        not used: the answer has the rest of ``data.max_length``."""
+        from jaxtrain.data import preference
+        from jaxtrain.data.sources import split_source
+        from jaxtrain.generate import heldout
+
+        d = self.config.data
+        source, split_name = (source, "all") if source else split_source(d, "validation")
+        limit = d.eval_examples if source == preference.BUILTIN_PREFERENCE else \
+            (d.max_documents or None)
+        examples = preference.load_preference_examples(
+            source, split=split_name, n=limit, seed=self.config.seed,
+            on_bad_row=d.get("on_bad_row", "error"))
+        return heldout.preference_prompts(examples, self.tokenizer,
+                                          max_prompt_tokens=d.max_prompt_length,
+                                          max_examples=max_examples)
+
     # ------------------------------------------------------------------ inference
 
     def inference_inputs(self, batch_size: int,

@@ -323,6 +323,47 @@ class LMTask(Task):
         mask = batch["loss_mask"].astype(jnp.float32)
         return {"nll": jnp.sum(nll * mask, axis=-1), "tokens": jnp.sum(mask, axis=-1)}
 
+    def heldout_prompts(self, *, source: str = "", max_examples: int = 0,
+                        continuation_tokens: int = 32) -> list:
+        """(prompt, reference) pairs (:class:`jaxtrain.generate.heldout.HeldoutPrompt`) of the
+        held-out split, or of all of `source`, for the generation evaluator; at most
+        `max_examples` (0 = all).
+
+        * chat: each conversation before its last assistant turn, rendered with the chat
+          template SFT uses and the assistant header; the reference is that turn's content.
+          A prompt of more than ``data.seq_len − continuation_tokens`` tokens is left out.
+        * text: windows of the held-out documents' tokens: the first ``data.seq_len // 2``
+          are the prompt, the next `continuation_tokens` (at most the rest of
+          ``data.seq_len``), decoded, its reference.
+        """
+        from jaxtrain.data import chat, text
+        from jaxtrain.data.sources import split_source
+        from jaxtrain.generate import heldout
+
+        d = self.config.data
+        if d.kind == "synthetic":
+            raise ConfigError("data.kind='synthetic' (random tokens) has no text to compare "
+                              "generations with: use the generation evaluator with text or "
+                              "chat data, or remove it.")
+        source, split_name = (source, "all") if source else split_source(d, "validation")
+        on_bad_row = d.get("on_bad_row", "error")
+        if d.kind == "text":
+            docs = text.load_documents(source, split=split_name, text_field=d.text_field,
+                                       max_documents=d.max_documents or None,
+                                       on_bad_row=on_bad_row)
+            prompt = max(1, d.seq_len // 2)
+            return heldout.text_prompts(
+                docs, self.tokenizer, prompt_tokens=prompt, max_examples=max_examples,
+                continuation_tokens=max(1, min(continuation_tokens, d.seq_len - prompt)))
+        limit = d.eval_examples if source == chat.BUILTIN_CHAT else (d.max_documents or None)
+        fields = [f.strip() for f in d.text_fields.split(",") if f.strip()] or None
+        examples = chat.load_chat_examples(source, split=split_name, n=limit,
+                                           seed=self.config.seed, text_fields=fields,
+                                           on_bad_row=on_bad_row)
+        return heldout.chat_prompts(examples, self.tokenizer, text_fields=fields,
+                                    max_prompt_tokens=max(1, d.seq_len - continuation_tokens),
+                                    max_examples=max_examples)
+
     # ------------------------------------------------------------------ inference
 
     def inference_inputs(self, batch_size: int,
