@@ -116,29 +116,11 @@ SAMPLED = SamplingConfig(max_new_tokens=24, temperature=1.0, top_k=40, top_p=0.9
 
 
 def _hf_model(arch: str, **kw):
-    """A tiny random-init float32 transformers model (eager attention), norms and biases
-    perturbed away from 1 / 0; initializer_range 0.1 gives peaked logits."""
-    import torch
-    import transformers
+    """A tiny random-init float32 transformers model (tests/test_hf_llama.py's: eager attention,
+    norms and biases perturbed away from 1 / 0); initializer_range 0.1 gives peaked logits."""
+    from tests.test_hf_llama import _hf_model as hf_model
 
-    config_cls, model_cls = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-    }[arch]
-    torch.manual_seed(0)
-    config = config_cls(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, intermediate_size=96, vocab_size=V,
-                        initializer_range=0.1, **kw)
-    config._attn_implementation = "eager"
-    model = model_cls(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-            elif name.endswith(".bias"):
-                p.copy_(0.3 * torch.randn_like(p))
-    return model
+    return hf_model(arch, initializer_range=0.1, **kw)
 
 
 @pytest.mark.parametrize("arch,kw", [

@@ -416,14 +416,5 @@ def load_chat_examples(
     builtin = Builtin(BUILTIN_CHAT, generate, tuple(BUILTIN_CHAT_SIZES))
     examples, rows = read_rows(source, split, builtins={BUILTIN_CHAT: builtin}, n=n,
                                on_bad_row=on_bad_row)
-    bad = BadRows(on_bad_row, f"{source!r} (split {split!r})")
-    kept = []
-    for example, row in zip(examples, rows, strict=True):
-        try:
-            to_messages(example, text_fields=text_fields)
-        except ValueError as e:
-            bad.add(f"Row {row}", str(e).rstrip("."))
-            continue
-        kept.append(example)
-    bad.report(len(kept))
-    return kept
+    return BadRows(on_bad_row, f"{source!r} (split {split!r})").keep(
+        examples, rows, lambda example, _: to_messages(example, text_fields=text_fields))

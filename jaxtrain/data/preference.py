@@ -403,14 +403,5 @@ def load_preference_examples(
     builtin = Builtin(BUILTIN_PREFERENCE, generate, tuple(BUILTIN_PREFERENCE_SIZES))
     examples, rows = read_rows(source, split, builtins={BUILTIN_PREFERENCE: builtin}, n=n,
                                on_bad_row=on_bad_row)
-    bad = BadRows(on_bad_row, f"{source!r} (split {split!r})")
-    kept = []
-    for example, row in zip(examples, rows, strict=True):
-        try:
-            to_preference(example, int(row))
-        except ValueError as e:
-            bad.add(f"Row {row}", str(e).rstrip("."))
-            continue
-        kept.append(example)
-    bad.report(len(kept))
-    return kept
+    return BadRows(on_bad_row, f"{source!r} (split {split!r})").keep(
+        examples, rows, to_preference)

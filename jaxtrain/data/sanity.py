@@ -26,6 +26,9 @@ with no rows is an error.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 from absl import logging
 
 from jaxtrain.config import Rule
@@ -75,6 +78,21 @@ class BadRows:
         if self.policy == "error":
             raise ConfigError(f"{label} of {self.where}: {problem}. {FIX}.")
         self.found.append((label, problem))
+
+    def keep(self, examples: Sequence[Any], rows: Sequence[int],
+             check: Callable[[Any, int], Any]) -> list[Any]:
+        """The examples that `check(example, row)` accepts (a ValueError marks a bad row, named
+        by its row), after :meth:`report`."""
+        kept = []
+        for example, row in zip(examples, rows, strict=True):
+            try:
+                check(example, int(row))
+            except ValueError as e:
+                self.add(f"Row {row}", str(e).rstrip("."))
+                continue
+            kept.append(example)
+        self.report(len(kept))
+        return kept
 
     def report(self, kept: int) -> None:
         """One warning with the count and the first few bad rows (nothing when none)."""

