@@ -6,7 +6,8 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/mesh_recipes.py \
         --config=configs/moe.py:runlocal      # adds the expert-parallel recipes
 
-Recipes (8 devices): pure data parallel, FSDP, FSDP + tensor parallel, data x FSDP x tensor, and
+Recipes (8 devices): pure data parallel, data parallel with the optimizer state sharded over
+`data` (`mesh.shard_optimizer`, ZeRO-1/2), FSDP, FSDP + tensor parallel, data x FSDP x tensor, and
 for mixture-of-experts models FSDP + expert and data x expert.
 Prints a table: parameter + optimizer bytes held by device 0, and XLA's compiled memory analysis
 of the train step (arguments, temporaries) per device. On CPU this is what XLA plans; on a GPU
@@ -28,6 +29,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_c
 
 RECIPES = {
     "data parallel": dict(data=-1, fsdp=1, tensor=1),
+    # ZeRO-1/2: params replicated like data parallel, optimizer state split over `data`
+    "dp + sharded optimizer": dict(data=-1, fsdp=1, tensor=1, shard_optimizer=True),
     "fsdp": dict(data=1, fsdp=-1, tensor=1),
     "fsdp + tensor": dict(data=1, fsdp=-1, tensor=2),
     "data x fsdp x tensor": dict(data=2, fsdp=-1, tensor=2),
@@ -81,8 +84,10 @@ def main(argv) -> None:
     state = lambda r: r["params_bytes"] + r["opt_state_bytes"]
     base = state(rows["data parallel"])
     for name, r in rows.items():
-        print(f"{name:22s} params+opt on device 0: {state(r) / 2**20:7.2f} MiB "
-              f"({state(r) / base:.3f}x)  step temp: {r['step_temp_bytes'] / 2**20:7.2f} MiB")
+        print(f"{name:22s} params {r['params_bytes'] / 2**20:7.2f} MiB + opt "
+              f"{r['opt_state_bytes'] / 2**20:7.2f} MiB on device 0: {state(r) / 2**20:7.2f} MiB "
+              f"({state(r) / base:.3f}x)  step args: {r['step_argument_bytes'] / 2**20:7.2f} "
+              f"MiB  temp: {r['step_temp_bytes'] / 2**20:7.2f} MiB")
 
 if __name__ == "__main__":
     app.run(main)

@@ -37,7 +37,10 @@ ASIDE = ".corrupt"  # an unreadable checkpoint `<step>` is renamed `<step>.corru
 
 
 def _state_dict(state: TrainState) -> dict[str, Any]:
-    return {f: getattr(state, f) for f in ("step", "params", "opt_state", "rng", "frozen")}
+    out = {f: getattr(state, f) for f in ("step", "params", "opt_state", "rng", "frozen")}
+    if state.loss_scale is not None:  # dynamic loss scaling only: else the tree is unchanged
+        out["loss_scale"] = state.loss_scale
+    return out
 
 
 def _shapes(tree) -> dict[str, tuple]:

@@ -42,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0  # one seed; params, dropout and data order are derived from it by name
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
+    # ZeRO-1/2: params replicated over `data` (as plain data parallel), the optimizer state split
+    # over it (each leaf on its largest dimension `data` divides; see jaxtrain.mesh.split_over)
+    c.mesh.shard_optimizer = False
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 128  # global batch, over all devices and hosts
@@ -49,6 +52,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.accum_steps = 1  # gradient accumulation: the batch is split in this many microbatches
     c.train.nonfinite = "skip"  # NaN/Inf loss or grads: 'skip' the update, or stop with an 'error'
     c.train.max_nonfinite_streak = 25  # 'skip' mode: stop after this many in a row; 0 = never
+    # float16 compute (model.dtype='float16'): 'dynamic', a fixed scale as a string ('1024'), or
+    # 'none'. See jaxtrain/loss_scale.py; dynamic's overflow-skipped steps are not 'nonfinite'.
+    c.train.loss_scale = "none"
+    c.train.loss_scale_init = 2.0**15  # 'dynamic': the first scale S
+    c.train.loss_scale_growth_interval = 2000  # 'dynamic': double S after this many good steps
     c.train.log_every = 50
     c.train.progress_bar = True
     c.train.peak_tflops = 0.0  # per-device peak for MFU; 0 = look up known accelerators
@@ -72,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.decay_ratio = 0.2
     c.optim.rsqrt_timescale = 0
     c.optim.param_groups = ()  # ((regex, lr_multiplier), ...); multiplier 0 freezes
+    # Keep the optimizer state in host memory (memory kind 'pinned_host', same sharding); the
+    # step brings it to the device for the update and sends it back. See jaxtrain/offload.py.
+    c.optim.offload_state = False
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 200  # evaluators' default cadence; 0 = only at the end
@@ -90,6 +101,10 @@ def base_config() -> ml_collections.ConfigDict:
     # No checkpoint of the workdir can be read: 'error' (exit 2, listing them) or 'start_over'
     # (move them aside as <step>.corrupt and train from step 0). Readable ones always resume.
     c.checkpoint.if_unreadable = "error"
+    # Precision of params-only saves (python -m jaxtrain.export: --params_out, safetensors, HF;
+    # its --dtype overrides): '' = as trained, or 'bfloat16' | 'float16' | 'float32'. Floating
+    # params are cast on write; the training checkpoint always keeps full precision.
+    c.checkpoint.save_dtype = ""
 
     # LoRA (any task): rank 0 = off. See jaxtrain/lora.py.
     c.lora = ml_collections.ConfigDict()
@@ -182,6 +197,16 @@ def _is_regex(value: str) -> bool:
     return True
 
 
+def _is_loss_scale(value: str) -> bool:
+    """'none', 'dynamic', or a positive finite number (a fixed scale) written as a string."""
+    if value in ("none", "dynamic"):
+        return True
+    try:
+        return 0 < float(value) < float("inf")
+    except (TypeError, ValueError):
+        return False
+
+
 _RULES: list[Rule] = [
     ("seed", lambda v: v >= 0, "must be >= 0"),
     ("train.batch_size", lambda v: v > 0, "must be > 0"),
@@ -189,6 +214,10 @@ _RULES: list[Rule] = [
     ("train.accum_steps", lambda v: v >= 1, "must be >= 1"),
     ("train.nonfinite", lambda v: v in NONFINITE_MODES, f"must be one of {NONFINITE_MODES}"),
     ("train.max_nonfinite_streak", lambda v: v >= 0, "must be >= 0 (0 = never stop)"),
+    ("train.loss_scale", _is_loss_scale,
+     "must be 'none', 'dynamic' or a positive number as a string (a fixed scale, e.g. '1024')"),
+    ("train.loss_scale_init", lambda v: v >= 1, "must be >= 1 (e.g. 32768.0 = 2**15)"),
+    ("train.loss_scale_growth_interval", lambda v: v >= 1, "must be >= 1"),
     ("train.log_every", lambda v: v > 0, "must be > 0"),
     ("train.peak_tflops", lambda v: v >= 0, "must be >= 0"),
     ("optim.name", lambda v: v in OPTIMIZERS, f"must be one of {OPTIMIZERS}"),
@@ -213,6 +242,8 @@ _RULES: list[Rule] = [
     ("checkpoint.best_mode", lambda v: v in MODES, f"must be one of {MODES}"),
     ("checkpoint.if_unreadable", lambda v: v in ("error", "start_over"),
      "must be 'error' or 'start_over'"),
+    ("checkpoint.save_dtype", lambda v: v in ("", "bfloat16", "float16", "float32"),
+     "must be '' (as trained), 'bfloat16', 'float16' or 'float32'"),
     ("lora.rank", lambda v: v >= 0, "must be >= 0 (0 = off)"),
     ("lora.alpha", lambda v: v > 0, "must be > 0"),
     ("lora.dropout", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
@@ -233,11 +264,13 @@ def apply_rules(cfg: Mapping, rules: Iterable[Rule]) -> None:
 def check_rules(cfg: ml_collections.ConfigDict, rules: Iterable[Rule] = ()) -> None:
     apply_rules(cfg, [*_RULES, *rules])
     for name, size in cfg.mesh.items():
+        if name == "shard_optimizer":  # a setting, not an axis size (jaxtrain.mesh.MESH_OPTIONS)
+            continue
         if size != -1 and size < 1:
             raise ConfigError(
                 f"Config key 'mesh.{name}' must be -1 (the rest) or >= 1; got {size}."
             )
-    if sum(1 for s in cfg.mesh.values() if s == -1) > 1:
+    if sum(1 for k, s in cfg.mesh.items() if s == -1 and k != "shard_optimizer") > 1:
         raise ConfigError(f"At most one mesh axis may be -1 ('the rest'); got {dict(cfg.mesh)}.")
     if cfg.optim.warmup_steps > 0 and cfg.optim.warmup_ratio > 0:
         raise ConfigError("Set optim.warmup_steps or optim.warmup_ratio, not both.")

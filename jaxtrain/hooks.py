@@ -214,7 +214,9 @@ def check_nonfinite(train_cfg, host: list[dict], done: int, streak: int) -> int:
             "train.nonfinite='skip' to skip such steps."
         )
     for m in host:
-        streak = streak + 1 if m["nonfinite"] else 0
+        # a step skipped by dynamic loss scaling (`overflow`) is expected: it neither counts
+        # toward the streak nor ends it
+        streak = streak + 1 if m["nonfinite"] else streak if m.get("overflow") else 0
         if train_cfg.max_nonfinite_streak and streak >= train_cfg.max_nonfinite_streak:
             raise NonFiniteError(
                 f"{streak} consecutive steps up to step {done} had a non-finite loss or "

@@ -46,8 +46,19 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+# Keys of the config's `mesh` block that are settings, not axis sizes (left out of the shape).
+MESH_OPTIONS = ("shard_optimizer",)
+
+
+def mesh_axes(mesh_config: Mapping[str, int | bool]) -> dict[str, int]:
+    """The axis sizes of a config's `mesh` block, without its settings (:data:`MESH_OPTIONS`)."""
+    return {k: v for k, v in mesh_config.items() if k not in MESH_OPTIONS}
+
+
 def mesh_shape(axes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
-    """Resolve the config's axis sizes (-1 = the rest) against `num_devices`."""
+    """Resolve the config's axis sizes (-1 = the rest) against `num_devices`; settings such as
+    `shard_optimizer` in the same block are ignored."""
+    axes = mesh_axes(axes)
     unknown = set(axes) - set(MESH_AXES)
     if unknown:
         raise ConfigError(f"Unknown mesh axes {sorted(unknown)}; valid: {MESH_AXES}.")
@@ -124,10 +135,39 @@ def _keys(path) -> tuple[str, ...]:
     return tuple(key_name(k) for k in path)
 
 
-def shardings_like_params(abstract_tree, abstract_params, param_shardings, mesh: Mesh):
+def _names(entry) -> tuple[str, ...]:
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def split_over(sharding: NamedSharding, shape: tuple[int, ...], axis: str) -> NamedSharding:
+    """`sharding` further split over the mesh axis `axis` (ZeRO: optimizer state over `data`).
+
+    The axis goes to the largest dimension d (the leftmost of equal ones) with
+    d % (size(axis) * prod(sizes of the axes already on d)) == 0, so each device holds
+    1/size(axis) of what it held. Unchanged (replicated over `axis`) when `axis` has size 1, is
+    already used, or divides no dimension (scalars, odd sizes). The memory kind is kept."""
+    mesh = sharding.mesh
+    size = mesh.shape[axis]
+    spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+    if size == 1 or any(axis in _names(e) for e in spec):
+        return sharding
+    fits = [i for i, (dim, e) in enumerate(zip(shape, spec, strict=True))
+            if dim % (size * math.prod(mesh.shape[a] for a in _names(e))) == 0]
+    if not fits:
+        return sharding
+    best = max(fits, key=lambda i: (shape[i], -i))
+    new = list(spec)
+    new[best] = (*_names(spec[best]), axis) if _names(spec[best]) else axis
+    return NamedSharding(mesh, PartitionSpec(*new), memory_kind=sharding.memory_kind)
+
+
+def shardings_like_params(abstract_tree, abstract_params, param_shardings, mesh: Mesh,
+                          split_axis: str | None = None):
     """Shardings for a tree holding copies of the params (optimizer moments): a leaf whose path
     ends with a parameter's path and has its shape gets that parameter's sharding, any other
-    leaf (counts, factored statistics) is replicated."""
+    leaf (counts, factored statistics) is replicated. `split_axis` (e.g. 'data', for
+    `mesh.shard_optimizer`): every leaf is further split over that axis (:func:`split_over`),
+    so the params stay replicated over it and their optimizer state does not."""
     by_path = {
         _keys(p): (x.shape, s)
         for (p, x), s in zip(
@@ -145,4 +185,7 @@ def shardings_like_params(abstract_tree, abstract_params, param_shardings, mesh:
                 return sharding
         return replicated(mesh)
 
-    return jax.tree_util.tree_map_with_path(pick, abstract_tree)
+    shardings = jax.tree_util.tree_map_with_path(pick, abstract_tree)
+    if split_axis is None:
+        return shardings
+    return jax.tree.map(lambda s, x: split_over(s, x.shape, split_axis), shardings, abstract_tree)

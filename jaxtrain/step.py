@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxtrain import loss_scale as ls
 from jaxtrain.axes import BATCH_AXES
+from jaxtrain.errors import ConfigError
 from jaxtrain.state import TrainState
 
 LossFn = Callable[[Any, dict, jax.Array, Any], tuple[jax.Array, dict]]
@@ -77,32 +79,55 @@ def make_train_step(
     accum_steps: int = 1,
     mesh: Mesh | None = None,
     grad_fn: GradFn | None = None,
+    loss_scale: ls.LossScale | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The pure step. A non-finite loss or gradient norm leaves params and optimizer state
     unchanged (the step counter still advances) and reports `nonfinite=1` in the metrics.
-    `grad_fn` replaces `jax.value_and_grad(loss_fn)` (a task's own, e.g. the gradient cache)."""
+    `grad_fn` replaces `jax.value_and_grad(loss_fn)` (a task's own, e.g. the gradient cache).
+    `loss_scale` (float16 compute, :mod:`jaxtrain.loss_scale`): the loss is scaled by S, the
+    gradients unscaled; metrics add `loss_scale` (S of this step) and `overflow` (1 = skipped by
+    dynamic scaling, expected: not `nonfinite`); the TrainState's `loss_scale` carries S."""
+    if loss_scale is not None and grad_fn is not None:
+        raise ConfigError(
+            "train.loss_scale is set but the task computes its own gradients (e.g. the "
+            "contrastive gradient cache or local loss), which loss scaling cannot wrap. Set "
+            "train.loss_scale='none' (and model.dtype='bfloat16'), or turn that option off.")
+    scaled_grad_fn = lambda scale: accumulate(  # noqa: E731 - S is traced: built per trace
+        loss_and_grad(ls.scaled(loss_fn, scale)), accum_steps, mesh)
     grad_fn = accumulate(grad_fn or loss_and_grad(loss_fn), accum_steps, mesh)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
-        loss, metrics, grads = grad_fn(state.params, batch, rng, state.frozen)
+        if loss_scale is None:
+            loss, metrics, grads = grad_fn(state.params, batch, rng, state.frozen)
+        else:
+            scale = ls.current(loss_scale, state.loss_scale)
+            loss, metrics, grads = scaled_grad_fn(scale)(state.params, batch, rng, state.frozen)
+            loss, grads = ls.unscale((loss, grads), scale)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        scale_state, overflow = state.loss_scale, jnp.zeros((), bool)
+        if loss_scale is not None:
+            scale_state, overflow = ls.adjust(loss_scale, state.loss_scale,
+                                              jnp.isfinite(loss), jnp.isfinite(grad_norm))
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         new_state = state.replace(
             step=state.step + 1,
             params=keep(params, state.params),
             opt_state=keep(opt_state, state.opt_state),
+            loss_scale=scale_state,
         )
         metrics = {
             **metrics,
             "loss": loss,
             "grad_norm": grad_norm,
             "lr": schedule(state.step),
-            "nonfinite": (~finite).astype(jnp.int32),
+            "nonfinite": (~finite & ~overflow).astype(jnp.int32),
         }
+        if loss_scale is not None:
+            metrics.update(loss_scale=scale, overflow=overflow.astype(jnp.int32))
         return new_state, metrics
 
     return train_step

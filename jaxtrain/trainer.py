@@ -29,7 +29,10 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
+from jaxtrain import loss_scale as loss_scale_lib
+from jaxtrain import memory as memory_lib
 from jaxtrain import mesh as mesh_lib
+from jaxtrain import offload
 from jaxtrain.checkpoint import (
     Checkpointer,
     CheckpointMismatchError,
@@ -104,6 +107,7 @@ class CompiledStep:
     tokens: int  # tokens per global batch (0 = not a token model)
     samples: int = 0
     reported: bool = False
+    memory: dict[str, int] = dataclasses.field(default_factory=dict)  # memory.step_memory
 
 
 class NoReadableCheckpointError(ConfigError):
@@ -143,12 +147,17 @@ class Trainer:
         self.hooks = list(hooks)
         self.tx, self.schedule = build_optimizer(config.optim, config.train.steps,
                                                  schedule=schedule)
+        self.loss_scale = loss_scale_lib.from_config(config.train, config.model)
+        # TrainState fields kept in host memory between steps (jaxtrain/offload.py)
+        self.offloaded = offload.offloaded_fields(config)
+        offload.check_supported(self.mesh.local_devices, self.offloaded)
         self._build_state_shardings()
         self._train_step_fn = make_train_step(
             self.task.loss_fn, self.tx, self.schedule,
             accum_steps=config.train.accum_steps, mesh=self.mesh,
-            grad_fn=self.task.grad_fn(self.mesh),
+            grad_fn=self.task.grad_fn(self.mesh), loss_scale=self.loss_scale,
         )
+        self._train_step_fn = offload.on_device(self._train_step_fn, self.offloaded)
         self._compiled: dict[tuple, CompiledStep] = {}
         self._eval_steps: dict[str, Any] = {}
 
@@ -172,6 +181,7 @@ class Trainer:
             opt_state=self.tx.init(params),
             rng=keys["train"],
             frozen=frozen,
+            loss_scale=loss_scale_lib.init_state(self.loss_scale),
         )
 
     def _build_state_shardings(self) -> None:
@@ -190,10 +200,13 @@ class Trainer:
             opt_state=mesh_lib.shardings_like_params(
                 self.abstract_state.opt_state, self.abstract_state.params,
                 self.param_shardings, self.mesh,
+                split_axis="data" if self.config.mesh.get("shard_optimizer") else None,
             ),
             rng=rep,
             frozen=self.frozen_shardings,
+            loss_scale=jax.tree.map(lambda _: rep, self.abstract_state.loss_scale),
         )
+        self.state_shardings = offload.host_shardings(self.state_shardings, self.offloaded)
         self._init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
 
     def init_state(self) -> TrainState:
@@ -261,9 +274,11 @@ class Trainer:
             model_flops=self.task.model_flops_per_step(shapes),
             tokens=self.task.step_tokens(shapes),
             samples=next(iter(batch.values())).shape[0],
+            memory=memory_lib.step_memory(fn),
         )
-        logging.info("Compiled the train step for batch %s in %.1f s.",
-                     {k: v.shape for k, v in batch.items()}, seconds)
+        logging.info("Compiled the train step for batch %s in %.1f s; bytes per device: %s.",
+                     {k: v.shape for k, v in batch.items()}, seconds,
+                     self._compiled[signature].memory)
         return self._compiled[signature]
 
     def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -272,9 +287,10 @@ class Trainer:
 
     def _eval_step(self, name: str):
         if name not in self._eval_steps:
-            ev, task = self.evaluators[name], self.task
+            ev, task, offloaded = self.evaluators[name], self.task, self.offloaded
 
             def step(params, batch, frozen):
+                params = offload.params_on_device(params, offloaded)
                 params, frozen = task.eval_params(params, frozen)
                 return ev.step(params, batch, frozen)
 
@@ -297,7 +313,8 @@ class Trainer:
     def _run_loop_evaluator(self, name: str, state: TrainState, writer: Any) -> dict[str, float]:
         ev = self.evaluators[name]
         if "_eval_params" not in self._eval_steps:
-            self._eval_steps["_eval_params"] = jax.jit(self.task.eval_params)
+            self._eval_steps["_eval_params"] = jax.jit(
+                lambda p, f: self.task.eval_params(offload.params_on_device(p, self.offloaded), f))
         with self._tracing():
             params, frozen = self._eval_steps["_eval_params"](state.params, state.frozen)
         context = EvalContext(mesh=self.mesh, step=int(jax.device_get(state.step)),
@@ -495,10 +512,10 @@ class Trainer:
     def summarize(self, host: list[dict], steps: int, seconds: float,
                   window: Window) -> dict[str, float]:
         """Train metrics of `steps` steps fetched to the host: means (`train/...`), skipped
-        steps, and throughput / FLOP rates / MFU over `seconds` (`perf/...`)."""
+        steps, throughput / FLOP rates / MFU over `seconds`, and memory (`perf/...`)."""
         out: dict[str, float] = {}
         for k in host[0]:
-            if k == "nonfinite":
+            if k in ("nonfinite", "overflow", "loss_scale"):
                 continue
             mean = np.mean([np.asarray(m[k]) for m in host], axis=0)
             if np.ndim(mean):  # a vector metric (e.g. per-expert load): one scalar per entry
@@ -506,6 +523,9 @@ class Trainer:
             else:
                 out[f"train/{k}"] = float(mean)
         out["train/nonfinite_steps"] = float(sum(int(m["nonfinite"]) for m in host))
+        if "loss_scale" in host[0]:  # loss scaling: the latest step's S, steps it skipped
+            out["train/loss_scale"] = float(host[-1]["loss_scale"])
+            out["train/overflow_steps"] = float(sum(int(m["overflow"]) for m in host))
         seconds = max(seconds, 1e-9)
         out["perf/steps_per_second"] = steps / seconds
         out["perf/samples_per_second"] = window.samples / seconds
@@ -521,6 +541,8 @@ class Trainer:
             peak = self.peak_tflops()
             if peak:
                 out["perf/mfu"] = tflops / peak
+        # device peak / in-use bytes where the backend reports them, and host RSS
+        out.update(memory_lib.memory_metrics(self.mesh.local_devices))
         return out
 
     def _log_config_changes(self, saved: dict) -> None:

@@ -2,7 +2,7 @@
 
     leaf     errors registry axes tree tokenizer_files  import nothing of jaxtrain but leaf
     engine   config mesh state step optim checkpoint trainer writers hooks task evaluator
-             workdir -> leaf (never a task, model, loss, data, hf or LoRA module)
+             workdir loss_scale -> leaf (never a task, model, loss, data, hf or LoRA module)
     losses, metrics  -> leaf            models -> leaf, models        hf -> leaf, models, hf
     data     -> leaf, config, data (never a model)
     tasks    tasks/*, evaluators/*, lora, grad_cache, weights, generate/* -> all of the above
@@ -27,7 +27,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 LAYERS = {
     "leaf": ["errors", "registry", "axes", "tree", "tokenizer_files"],
     "engine": ["config", "mesh", "state", "step", "optim", "checkpoint", "trainer", "writers",
-               "hooks", "task", "evaluator", "workdir"],
+               "hooks", "task", "evaluator", "workdir", "loss_scale", "offload", "memory"],
     "losses": ["losses"],
     "metrics": ["metrics"],
     "models": ["models"],

@@ -428,7 +428,7 @@ def test_flops_matmul_params_match_param_tree():
 
 @pytest.mark.parametrize("kw,field", [
     ({"num_heads": 4, "num_kv_heads": 3}, "num_kv_heads"),
-    ({"dtype": "float16"}, "dtype"),
+    ({"dtype": "float64"}, "dtype"),  # float16 is valid (with loss scaling)
     ({"dtype": "bf16"}, "dtype"),
     ({"remat_policy": "everything"}, "remat_policy"),
     ({"vocab_size": 0}, "vocab_size"),

@@ -6,16 +6,22 @@ params-only jaxtrain checkpoint, and LoRA adapters alone.
     python -m jaxtrain.export --workdir=runs/dpo --hf_out=exports/dpo_hf [--model_type=qwen2]
     python -m jaxtrain.export --workdir=runs/dpo --params_out=exports/dpo_merged
     python -m jaxtrain.export --workdir=runs/dpo --adapters_out=exports/dpo_lora   # LoRA runs
+    python -m jaxtrain.export --workdir=runs/lm --hf_out=exports/lm_hf --dtype=bf16  # bf16 weights
 
 A LoRA run's adapters are merged into its base weights (W + alpha/r · A B) for every format but
 `--adapters_out`. `--params_out` writes `<dir>/checkpoints/<step>/{state,meta}` with the merged
 params and the run's config (LoRA off), so `init_from` and `distill.teacher` accept it.
+`--dtype=bf16|fp16|fp32` (default: the run's `checkpoint.save_dtype`, '' there = as trained)
+casts the floating params of every output but `--adapters_out` before writing
+(:func:`~jaxtrain.export.params.cast_params`); each format is verified against the cast params,
+and a Hugging Face config.json names the dtype (`torch_dtype`).
 
 The bundle (`--out`, see :func:`export_bundle`)::
 
     config.json           the run's full config (every format)
     params.safetensors    safetensors, stablehlo: the params flattened by '/'-joined path,
                           in their checkpoint dtype (float32; a LoRA run merged, in float32)
+                          or --dtype's
     model.stablehlo       stablehlo: `jax.export` of the task's `inference(params, inputs)` for
                           a fixed batch (and sequence) shape; the params are an argument
     bundle.json           stablehlo: input/output names, shapes and dtypes, the params' key

@@ -17,7 +17,7 @@ from absl import logging
 from jaxtrain.export.checks import ExportError, verify_arrays
 from jaxtrain.export.hf import check_hf_format, export_hf, save_options
 from jaxtrain.export.inference import check_params, inference_task, input_specs
-from jaxtrain.export.params import save_safetensors
+from jaxtrain.export.params import cast_params, save_dtype, save_safetensors
 from jaxtrain.export.stablehlo import PLATFORMS, default_platforms, export_stablehlo
 from jaxtrain.weights import read_run
 
@@ -86,10 +86,14 @@ def export_bundle(
     platforms: Sequence[str] | None = None,
     model_type: str = "llama",
     overwrite: bool = False,
+    dtype: str | None = None,
 ) -> dict:
     """Export `workdir`'s newest checkpoint (LoRA merged) to the bundle directory `out` in
     `formats` (see :mod:`jaxtrain.export` for the layout); every format is verified before the
-    bundle is moved into place. Returns export.json's content.
+    bundle is moved into place. `dtype` (bf16 | fp16 | fp32; None: the run's
+    `checkpoint.save_dtype`, '' there = as trained): floating params are cast to it before
+    anything is written, and every format is verified against the cast params. Returns
+    export.json's content.
 
     Raises ExportError (bad request: format, `out`, a task without that format),
     FileNotFoundError (no checkpoint) or ExportVerificationError (a check failed)."""
@@ -109,12 +113,14 @@ def export_bundle(
         raise ExportError(f"--seq_len must be >= 1; got {seq_len}.")
 
     config, params = read_run(workdir)
+    dtype = save_dtype(dtype, config)
     task = inference_task(config, platforms if "stablehlo" in formats else ())
     check_params(task, params)
+    params = cast_params(params, dtype)
     family, hf_options = None, {}
     if "hf" in formats:
         family = check_hf_format(task)
-        hf_options = save_options(family, task, model_type)
+        hf_options = save_options(family, task, model_type, dtype)
     if "stablehlo" in formats:
         input_specs(task, batch_size, seq_len)  # fail before writing anything
 
@@ -142,6 +148,7 @@ def export_bundle(
             "workdir": os.path.abspath(workdir), "step": _checkpoint_step(workdir),
             "task": config["task"], "formats": list(formats),
             "lora_merged": bool(config.get("lora", {}).get("rank")),
+            "dtype": dtype or "as trained",
             "jax_version": jax.__version__, "checks": checks,
         }
         if "model_type" in hf_options:

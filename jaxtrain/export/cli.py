@@ -16,7 +16,7 @@ from jaxtrain.export.bundle import FORMATS, export_bundle
 from jaxtrain.export.checks import ExportError, ExportVerificationError
 from jaxtrain.export.hf import check_hf_format, save_hf, save_options
 from jaxtrain.export.inference import inference_task
-from jaxtrain.export.params import export_params
+from jaxtrain.export.params import SAVE_DTYPES, cast_params, export_params, save_dtype
 from jaxtrain.weights import read_run
 
 
@@ -48,6 +48,10 @@ def _define_flags() -> dict[str, Any]:
                                           "jaxtrain checkpoint directory here."),
         "adapters_out": flags.DEFINE_string("adapters_out", None, "Write a LoRA run's adapters "
                                             "here."),
+        "dtype": flags.DEFINE_enum("dtype", None, list(SAVE_DTYPES), "Cast floating params to "
+                                   "this dtype when writing (--out, --hf_out, --params_out); "
+                                   "default: the run's checkpoint.save_dtype, '' there = as "
+                                   "trained."),
     }
 
 
@@ -67,8 +71,11 @@ def cli(
     model_type: str = "llama",
     params_out: str | None = None,
     adapters_out: str | None = None,
+    dtype: str | None = None,
 ) -> None:
-    """What `python -m jaxtrain.export` does with its flags' values (the arguments)."""
+    """What `python -m jaxtrain.export` does with its flags' values (the arguments). `dtype`
+    (bf16 | fp16 | fp32; None: the run's checkpoint.save_dtype) applies to every params-only
+    output (the bundle, --hf_out, --params_out), not to --adapters_out."""
     if formats is not None or out is not None:
         if not out:
             raise app.UsageError("--format needs --out=DIR, the bundle's directory.")
@@ -77,7 +84,8 @@ def cli(
                                  f"{', '.join(FORMATS)}.")
         try:
             export_bundle(workdir, out, formats, batch_size=batch_size, seq_len=seq_len,
-                          platforms=platforms, model_type=model_type, overwrite=overwrite)
+                          platforms=platforms, model_type=model_type, overwrite=overwrite,
+                          dtype=dtype)
         except (ExportError, ExportVerificationError, FileNotFoundError) as e:
             sys.exit(f"jaxtrain.export: {e}")
     elif not (hf_out or params_out or adapters_out):
@@ -86,11 +94,17 @@ def cli(
     if not (hf_out or params_out or adapters_out):
         return
     config, params = read_run(workdir)
+    if hf_out or params_out:
+        try:
+            name = save_dtype(dtype, config)
+            params = cast_params(params, name)
+        except ExportError as e:
+            sys.exit(f"jaxtrain.export: {e}")
     if hf_out:
         try:
             task = inference_task(config)
             family = check_hf_format(task)
-            options = save_options(family, task, model_type)
+            options = save_options(family, task, model_type, name)
             save_hf(hf_out, family, task.model_config, params, options)
         except ExportError as e:
             sys.exit(f"jaxtrain.export: --hf_out: {e}")

@@ -80,17 +80,26 @@ def _image_preprocessing(task: Task) -> dict[str, Any]:
             "image_interpolation": d.image_interpolation}
 
 
-def save_options(family: ModelFamily, task: Task, model_type: str) -> dict[str, Any]:
+def save_options(family: ModelFamily, task: Task, model_type: str,
+                 dtype: str = "") -> dict[str, Any]:
     """The keyword arguments of the family's ``save_hf`` that the run supplies, by the names it
     takes: ``model_type`` (--model_type: a language model's architecture),
-    ``image_preprocessing`` (the run's, written as preprocessor_config.json) and ``tokenizer``
-    (the run's Hugging Face tokenizer, when it has one)."""
+    ``image_preprocessing`` (the run's, written as preprocessor_config.json), ``tokenizer``
+    (the run's Hugging Face tokenizer, when it has one) and ``dtype`` (--dtype: the weights'
+    dtype, 'bfloat16' | 'float16' | 'float32'; '' = the family's default, float32). An
+    ExportError when a dtype other than float32 is asked of a family whose ``save_hf`` takes
+    none."""
     offers: dict[str, Callable[[], Any]] = {
         "model_type": lambda: model_type,
         "image_preprocessing": lambda: _image_preprocessing(task),
         "tokenizer": lambda: getattr(getattr(task, "tokenizer", None), "hf", None),
+        "dtype": lambda: dtype or None,
     }
     takes = inspect.signature(family.hf().save_hf).parameters
+    if dtype not in ("", "float32") and "dtype" not in takes:
+        raise ExportError(f"format 'hf': {family.hf_module}.save_hf writes float32 only (it "
+                          f"takes no dtype); export the {family.title} without --dtype (and "
+                          "checkpoint.save_dtype '') or with --dtype=fp32.")
     options = {k: offer() for k, offer in offers.items() if k in takes}
     return {k: v for k, v in options.items() if v is not None}
 

@@ -5,13 +5,57 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxtrain.export.checks import ExportError
 from jaxtrain.tree import nest, path_str
+
+# --dtype's values -> dtype names; the full names (checkpoint.save_dtype's) are accepted too
+SAVE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def save_dtype(flag: str | None, config: Mapping[str, Any]) -> str:
+    """The dtype params-only exports are written in: `flag` (--dtype: bf16 | fp16 | fp32, or
+    bfloat16 | float16 | float32) when given, else the run's `checkpoint.save_dtype`; '' = as
+    trained (the checkpoint's own dtypes)."""
+    value = flag if flag else config.get("checkpoint", {}).get("save_dtype", "")
+    name = SAVE_DTYPES.get(value, value)
+    if name not in ("", *SAVE_DTYPES.values()):
+        where = "--dtype" if flag else "the run's checkpoint.save_dtype"
+        raise ExportError(f"{where} {value!r} is not a save dtype: use one of "
+                          f"{', '.join(SAVE_DTYPES)} (or {', '.join(SAVE_DTYPES.values())}).")
+    return name
+
+
+def cast_params(params: Any, dtype: str) -> Any:
+    """`params` with every floating leaf cast to `dtype` on the host (round to nearest even;
+    '' = unchanged); integer leaves stay. Raises ExportError naming the first parameter whose
+    finite values overflow `dtype` (float16: |x| > 65504)."""
+    if not dtype:
+        return params
+    import jax.numpy as jnp
+    from flax.core import meta
+
+    target = jnp.dtype(dtype)
+
+    def cast(path, x):
+        x = np.asarray(jax.device_get(x))
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == target:
+            return x
+        with np.errstate(over="ignore"):
+            y = x.astype(target)
+        if np.any(np.isfinite(x) & ~np.isfinite(y.astype(np.float32))):
+            raise ExportError(f"param {path_str(path)} has values beyond {dtype}'s range "
+                              f"(max |x| = {float(np.max(np.abs(x))):.4g}): export it with "
+                              "--dtype=bf16 or fp32.")
+        return y
+
+    return jax.tree_util.tree_map_with_path(cast, meta.unbox(params))
 
 
 def export_params(path: str, params: Any, config: dict, step: int = 0) -> str:

@@ -78,6 +78,7 @@ import numpy as np
 from jaxtrain.hf.files import (
     CONFIG,
     DEFAULT_MAX_SHARD_BYTES,
+    cast_state,
     f32,
     flatten,
     mismatch_error,
@@ -617,9 +618,12 @@ def save_hf(
     tokenizer: Any = None,
     drop_logit_bias: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    dtype: str = "float32",
 ) -> None:
-    """Writes ``config.json`` and float32 ``model.safetensors`` (or shards +
-    ``model.safetensors.index.json`` when larger than ``max_shard_bytes``) to ``path``, loadable
+    """Writes ``config.json`` and ``model.safetensors`` (or shards +
+    ``model.safetensors.index.json`` when larger than ``max_shard_bytes``) to ``path``, the
+    weights in ``dtype`` ('float32', 'bfloat16' or 'float16'; config.json's ``torch_dtype`` /
+    ``dtype`` say which), loadable
     with ``transformers.CLIPModel.from_pretrained(path)``; plus ``preprocessor_config.json``
     from ``image_preprocessing`` (the dict of :func:`image_preprocessing_from_hf`) and the
     ``tokenizer``'s files (``tokenizer.save_pretrained(path)``) when given. ``params`` may be
@@ -629,7 +633,8 @@ def save_hf(
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be > 0; got {max_shard_bytes}")
     hf = config_to_hf(cfg)
-    state = params_to_hf(params, cfg, drop_logit_bias=drop_logit_bias)
+    state = cast_state(params_to_hf(params, cfg, drop_logit_bias=drop_logit_bias), dtype)
+    hf.update(torch_dtype=dtype, dtype=dtype)
     preprocessor = None
     if image_preprocessing is not None:
         preprocessor = image_preprocessing_to_hf(image_preprocessing)

@@ -119,6 +119,19 @@ def read_state(path: str, model_class: str) -> dict[str, np.ndarray]:
         "save the model with save_pretrained(..., safe_serialization=True)")
 
 
+# The dtypes a transformers directory's weights are written in (config.json's torch_dtype)
+WEIGHT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def cast_state(state: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    """`state`'s float32 tensors as `dtype` (a name of :data:`WEIGHT_DTYPES`; round to nearest
+    even), for writing. A ValueError for another name."""
+    if dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}; got {dtype!r}")
+    want = np.dtype(WEIGHT_DTYPES[dtype])
+    return {k: v.astype(want) if v.dtype == np.float32 else v for k, v in state.items()}
+
+
 def write_json(file: str, obj: Any) -> None:
     with open(file, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)

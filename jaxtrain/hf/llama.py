@@ -58,6 +58,7 @@ import numpy as np
 from jaxtrain.hf.files import (
     CONFIG,
     DEFAULT_MAX_SHARD_BYTES,
+    cast_state,
     f32,
     flatten,
     mismatch_error,
@@ -450,17 +451,20 @@ def save_hf(
     cfg: LlamaConfig,
     model_type: str = "llama",
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    dtype: str = "float32",
 ) -> None:
-    """Writes ``config.json`` and float32 ``model.safetensors`` (or numbered shards,
+    """Writes ``config.json`` and ``model.safetensors`` (or numbered shards,
     ``model-00001-of-00003.safetensors`` ..., + ``model.safetensors.index.json`` when larger than
-    ``max_shard_bytes``) to ``path``,
+    ``max_shard_bytes``) to ``path``, the weights in ``dtype`` ('float32', 'bfloat16' or
+    'float16'; config.json's ``torch_dtype`` / ``dtype`` say which),
     loadable with ``transformers.AutoModelForCausalLM.from_pretrained(path)``. ``params`` may be
     boxed or unboxed, jax or numpy. Stale weight files from an earlier save in ``path`` are
     removed. In a multi-process job call it from one process (after gathering is done)."""
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be > 0; got {max_shard_bytes}")
     hf = config_to_hf(cfg, model_type)
-    state = params_to_hf(params, cfg)
+    state = cast_state(params_to_hf(params, cfg), dtype)
+    hf.update(torch_dtype=dtype, dtype=dtype)
     path = os.fspath(path)
     write_state(path, state, max_shard_bytes)
     write_json(os.path.join(path, CONFIG), hf)

@@ -51,7 +51,9 @@ from jaxtrain.models.registry import DUAL_ENCODER, ModelFamily
 
 Array = jax.Array
 
-DTYPES: dict[str, Dtype] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# float16 wants train.loss_scale (jaxtrain/loss_scale.py); params stay float32 either way.
+DTYPES: dict[str, Dtype] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+                            "float16": jnp.float16}
 PAD_ID = 0
 TEXT_POOLINGS = ("last", "eos", "argmax")
 
@@ -78,12 +80,13 @@ class ClipConfig:
     max_logit_scale: float = 100.0  # exp(logit_scale) is clipped to this (as in CLIP)
     logit_bias_init: float | None = None  # a learnable `logit_bias` (SigLIP: -10); None = none
     activation: str = "gelu"  # or 'quick_gelu'
-    dtype: str = "float32"  # compute dtype: 'float32' | 'bfloat16'
+    dtype: str = "float32"  # compute dtype: 'float32' | 'bfloat16' | 'float16' (+ loss scaling)
     remat: bool = False
     attention_impl: str | None = None  # jax.nn.dot_product_attention: 'xla', 'cudnn', None
     layer_norm_eps: float = 1e-5  # epsilon of every LayerNorm (Hugging Face's layer_norm_eps)
     text_pooling: str = "last"  # pooled text token: 'last' | 'eos' | 'argmax' (pooling_positions)
     eos_token_id: int | None = None  # the EOS id that text_pooling='eos' pools at
+    offload_params: bool = False  # read by the trainer (params in host memory), not the model
 
     def __post_init__(self) -> None:
         positive = (
@@ -417,7 +420,7 @@ FAMILY = ModelFamily(
     init=init_params,
     inference_inputs=inference_inputs,
     inference=inference,
-    runtime_fields=("dtype", "remat", "attention_impl"),
+    runtime_fields=("dtype", "remat", "attention_impl", "offload_params"),
     hf_module="jaxtrain.hf.clip",
     hf_model_types=("clip",),
     data_keys=("tokenizer", "image_mean", "image_std"),

@@ -29,6 +29,16 @@ Array = jax.Array
 
 ACTIVATION_AXES = ("batch", "length", "embed")
 
+
+def dot_product_attention(q: Array, k: Array, v: Array, **kwargs: Any) -> Array:
+    """``jax.nn.dot_product_attention(q, k, v, **kwargs)``. float16 on XLA:CPU runs in float32
+    and is cast back: jax's float16 path asks for a float16 x float16 -> float32 dot, which
+    XLA:CPU cannot compile (its logits and softmax are float32 anyway). Accelerators: as is."""
+    if q.dtype == jnp.float16 and jax.default_backend() == "cpu":
+        up = (t.astype(jnp.float32) for t in (q, k, v))
+        return jax.nn.dot_product_attention(*up, **kwargs).astype(jnp.float16)
+    return jax.nn.dot_product_attention(q, k, v, **kwargs)
+
 _ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     # Exact (erf) GELU, as Hugging Face's ``"gelu"``.
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -136,7 +146,7 @@ class MultiHeadAttention(nn.Module):
         v = proj("v_proj")(x)
         if mask is not None:
             mask = padding_to_attention_mask(mask)
-        out = jax.nn.dot_product_attention(
+        out = dot_product_attention(
             q, k, v, mask=mask, is_causal=causal, implementation=self.attention_impl
         )
         return nn.DenseGeneral(

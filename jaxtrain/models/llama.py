@@ -44,13 +44,15 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxtrain.models.layers import Dtype, partitioned
+from jaxtrain.models.layers import Dtype, dot_product_attention, partitioned
 from jaxtrain.models.moe import MoE
 from jaxtrain.models.registry import CAUSAL_LM, ModelFamily
 
 Array = jax.Array
 
-DTYPES: dict[str, Dtype] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# float16 wants train.loss_scale (jaxtrain/loss_scale.py); params stay float32 either way.
+DTYPES: dict[str, Dtype] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+                            "float16": jnp.float16}
 
 # What the backward pass may keep instead of recomputing (None = keep everything, no remat).
 REMAT_POLICIES: dict[str, Any] = {
@@ -59,6 +61,13 @@ REMAT_POLICIES: dict[str, Any] = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     "attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+    # As dots_no_batch / attention_out, but what is kept waits in host memory ('pinned_host')
+    # between the forward and the backward pass instead of in device memory.
+    "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims(
+        "device", "pinned_host"),
+    "offload_attention_out": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["attention_out"],
+        offload_src="device", offload_dst="pinned_host"),
 }
 
 # Logical axis names of activations (see jaxtrain.mesh.DEFAULT_RULES).
@@ -82,10 +91,11 @@ class LlamaConfig:
     attention_bias: bool = False  # q/k/v biases (Qwen2)
     sliding_window: int = 0  # attend to at most this many previous tokens (Mistral); 0 = all
     initializer_range: float = 0.02
-    dtype: str = "float32"  # compute dtype: 'float32' | 'bfloat16'
+    dtype: str = "float32"  # compute dtype: 'float32' | 'bfloat16' | 'float16' (+ loss scaling)
     remat_policy: str = "none"  # one of REMAT_POLICIES
     scan_layers: bool = False
     attention_impl: str | None = None  # jax.nn.dot_product_attention: 'xla', 'cudnn', None
+    offload_params: bool = False  # read by the trainer (params in host memory), not the model
     # Mixture of experts (num_experts = 0: dense SwiGLU MLP).
     num_experts: int = 0
     num_experts_per_tok: int = 2
@@ -316,7 +326,7 @@ class Attention(nn.Module):
         q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
         if cache is None:
             window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
-            out = jax.nn.dot_product_attention(
+            out = dot_product_attention(
                 q, k, v, mask=mask, is_causal=True, local_window_size=window,
                 implementation=cfg.attention_impl,
             )
@@ -328,7 +338,7 @@ class Attention(nn.Module):
             ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype)[None], at)
             cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype)[None], at)
             cache = {**cache, "k": ck, "v": cv}
-            out = jax.nn.dot_product_attention(
+            out = dot_product_attention(
                 q, ck[self.layer].astype(dt), cv[self.layer].astype(dt), mask=cache["mask"],
                 implementation="xla")
         out = checkpoint_name(out, "attention_out")
@@ -553,7 +563,8 @@ FAMILY = ModelFamily(
     init=init_params,
     inference_inputs=inference_inputs,
     inference=inference,
-    runtime_fields=("dtype", "remat_policy", "scan_layers", "attention_impl", "capacity_factor"),
+    runtime_fields=("dtype", "remat_policy", "scan_layers", "attention_impl", "capacity_factor",
+                    "offload_params"),
     flops_per_token=LlamaConfig.flops_per_token,
     hf_module="jaxtrain.hf.llama",
     hf_model_types=("llama", "qwen2", "mistral"),
