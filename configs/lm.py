@@ -6,7 +6,9 @@
     python benchmarks/train_step.py --config=configs/lm.py:size=1b,bench   # the H100 benchmark
 
 Variants (comma-separated after ':'):
-  size=tiny|small|350m|1b|7b  model size (1b = the 953M model of shared/bench/peer_torch.py)
+  size=tiny|small|350m|1b|7b|70b  model size (1b = the 953M model of shared/bench/peer_torch.py;
+                              7b / 70b: Llama-2's layers, 70b with 8 key-value heads; the
+                              vocabulary is the tokenizer's, 50304 for GPT-2, not Llama's 32000)
   runlocal                    tiny and short (tests)
   steps=N                     train steps
   scan                        scan over layers (faster compiles, slower steps on GPU)
@@ -18,7 +20,7 @@ Variants (comma-separated after ':'):
 from jaxtrain.config import parse_variants
 from jaxtrain.tasks.lm import LMTask
 
-VARIANTS = ("size=tiny|small|350m|1b|7b", "runlocal", "steps=N", "scan", "pack", "curriculum",
+VARIANTS = ("size=tiny|small|350m|1b|7b|70b", "runlocal", "steps=N", "scan", "pack", "curriculum",
             "bench")
 
 SIZES = {
@@ -33,6 +35,8 @@ SIZES = {
                intermediate_size=5632),
     "7b": dict(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
                intermediate_size=11008),
+    "70b": dict(hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
+                intermediate_size=28672),
 }
 
 
@@ -71,7 +75,7 @@ def get_config(arg: str | None = None):
         c.optim.warmup_steps = 1000
         c.eval.every = 1000
         c.checkpoint.every = 1000
-        c.model.remat_policy = "dots_no_batch" if size in ("1b", "7b") else "none"
+        c.model.remat_policy = "dots_no_batch" if size in ("1b", "7b", "70b") else "none"
     if "runlocal" in args:
         c.model.update(dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                             intermediate_size=64))
