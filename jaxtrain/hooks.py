@@ -34,6 +34,7 @@ from jax.experimental import multihost_utils
 
 from jaxtrain.checkpoint import Checkpointer, CheckpointSaveError
 from jaxtrain.config import ConfigError
+from jaxtrain.errors import brief
 from jaxtrain.writers import MetricWriter, ProgressBar
 
 
@@ -401,11 +402,10 @@ class CheckpointHook(Hook):
             self.failed = True
             steps = [s for s in (in_flight, step) if s is not None] or [self.queued]
             what = "checkpoint " + " or ".join(str(s) for s in dict.fromkeys(steps))
-            cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointSaveError(
-                f"Writing {what} under {self.ckpt.directory} failed ({type(e).__name__}: "
-                f"{cause[:300]}). Free space (or fix permissions) and re-run the same command "
-                "to resume from the latest intact checkpoint."
+                f"Writing {what} under {self.ckpt.directory} failed ({brief(e)}). Free space "
+                "(or fix permissions) and re-run the same command to resume from the latest "
+                "intact checkpoint."
             ) from e
 
 

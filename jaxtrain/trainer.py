@@ -37,9 +37,9 @@ from jaxtrain.checkpoint import (
     Checkpointer,
     CheckpointMismatchError,
     CheckpointSaveError,
-    CheckpointUnreadableError,
 )
 from jaxtrain.config import ConfigError, check_divisibility
+from jaxtrain.errors import brief
 from jaxtrain.evaluator import EvalContext, Evaluator, LoopEvaluator
 from jaxtrain.hooks import (
     Hook,
@@ -392,9 +392,7 @@ class Trainer:
             except CheckpointMismatchError:
                 raise
             except Exception as e:  # noqa: BLE001 - any read failure means "unusable"
-                first = (str(e).strip().splitlines() or [""])[0][:200]
-                reason = f"{type(e).__name__}: {first}" if not isinstance(
-                    e, CheckpointUnreadableError) else first
+                reason = brief(e, 240)
                 logging.warning("Checkpoint %s cannot be read (%s); trying the one before it.",
                                 ckpt.step_path(step), reason)
                 unreadable.append((step, reason))

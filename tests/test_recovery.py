@@ -311,3 +311,14 @@ def test_exit_codes():
              (NonFiniteError("x"), 3), (CheckpointSaveError("x"), 3), (MetricsWriteError("x"), 3),
              (KeyboardInterrupt(), 130), (RuntimeError("a bug"), None)]
     assert [failure_exit_code(e) for e, _ in cases] == [code for _, code in cases]
+
+
+def test_a_long_error_keeps_its_start_and_its_end():
+    from jaxtrain.errors import brief
+
+    long = ValueError("RESOURCE_EXHAUSTED: Failed writing " + "x" * 500 + ": No space left on "
+                      "device [os_error_code='28']\nsecond line")
+    text = brief(long, 200)
+    assert len(text) <= 200 and text.startswith("ValueError: RESOURCE_EXHAUSTED")
+    assert text.endswith("No space left on device [os_error_code='28']")
+    assert brief(OSError("short")) == "OSError: short"
