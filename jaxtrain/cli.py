@@ -168,6 +168,14 @@ class QuietLibraries(pylogging.Filter):
         return True  # jaxtrain reports the failure itself, once
 
 
+class UnretrievedTasks(pylogging.Filter):
+    """Drops asyncio's "Task exception was never retrieved": Orbax's background writes left
+    behind by a failed save (a full disk), whose error jaxtrain reports itself, once."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return "exception was never retrieved" not in record.getMessage()
+
+
 def _quiet_unraisable(hook):
     def quiet(args) -> None:
         # asyncio's "Event loop is closed" from a callback of a read that already failed
@@ -184,4 +192,5 @@ def setup_logging() -> None:
     """absl logging at INFO, with :class:`QuietLibraries` on its logger."""
     logging.set_verbosity(logging.INFO)
     logging.get_absl_logger().addFilter(QuietLibraries())
+    pylogging.getLogger("asyncio").addFilter(UnretrievedTasks())
     sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
