@@ -221,6 +221,25 @@ class Checkpointer:
                 raise
 
 
+def saved_steps(root: str) -> list[int]:
+    """The steps saved under a `checkpoints/` directory (those with a `state`; moved-aside
+    `<step>.corrupt` ones excluded), ascending."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(d) for d in os.listdir(root)
+                  if d.isdigit() and os.path.isdir(os.path.join(root, d, "state")))
+
+
+def read_meta(step_dir: str) -> dict:
+    """The JSON metadata of one checkpoint step (step, progress, config); {} when absent."""
+    for name in ("metadata", "meta.json"):
+        path = os.path.join(step_dir, "meta", name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+    return {}
+
+
 def read_state(path: str) -> tuple[dict, dict]:
     """(config dict, saved state as host numpy arrays) of a jaxtrain run's newest checkpoint.
 
@@ -232,8 +251,7 @@ def read_state(path: str) -> tuple[dict, dict]:
     if not os.path.isdir(os.path.join(step_dir, "state")):
         root = os.path.join(path, "checkpoints") if os.path.isdir(
             os.path.join(path, "checkpoints")) else path
-        steps = sorted(int(d) for d in (os.listdir(root) if os.path.isdir(root) else [])
-                       if d.isdigit() and os.path.isdir(os.path.join(root, d, "state")))
+        steps = saved_steps(root)
         if not steps:
             raise FileNotFoundError(
                 f"No jaxtrain checkpoint under {path!r}: expected a workdir with "
@@ -246,11 +264,5 @@ def read_state(path: str) -> tuple[dict, dict]:
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     state = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
         item=tree, restore_args=restore_args))
-    meta_file = next((os.path.join(step_dir, "meta", f) for f in ("metadata", "meta.json")
-                      if os.path.isfile(os.path.join(step_dir, "meta", f))), None)
-    config = {}
-    if meta_file:
-        with open(meta_file) as f:
-            config = json.load(f).get("config", {})
-    return config, state
+    return read_meta(step_dir).get("config", {}), state
 

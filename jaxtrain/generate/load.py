@@ -24,6 +24,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from jaxtrain.checkpoint import read_meta, saved_steps
 from jaxtrain.errors import ConfigError
 from jaxtrain.models.registry import CAUSAL_LM, ModelFamily, family_for_hf_dir
 from jaxtrain.weights import is_hf_dir, read_run, run_family
@@ -46,22 +47,8 @@ class LoadedModel:
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
-    """The steps saved under ``<workdir>/checkpoints`` (those with a ``state``), ascending."""
-    root = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(root):
-        return []
-    return sorted(int(d) for d in os.listdir(root)
-                  if d.isdigit() and os.path.isdir(os.path.join(root, d, "state")))
-
-
-def read_meta(step_dir: str) -> dict:
-    """The JSON metadata of one checkpoint step (step, progress, config), {} when absent."""
-    for name in ("metadata", "meta.json"):
-        path = os.path.join(step_dir, "meta", name)
-        if os.path.isfile(path):
-            with open(path) as f:
-                return json.load(f)
-    return {}
+    """The steps saved under ``<workdir>/checkpoints``, ascending."""
+    return saved_steps(os.path.join(workdir, "checkpoints"))
 
 
 def pick_step(workdir: str, checkpoint: str = "latest") -> int:
