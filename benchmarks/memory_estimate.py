@@ -118,7 +118,7 @@ class DecoderShape:
     layers: int
     vocab: int
     compute_bytes: int
-    flash_attention: bool  # cuDNN fused attention: no T x T scores kept
+    flash_attention: bool  # cuDNN / Pallas / Splash flash attention: no T x T scores kept
 
     @classmethod
     def from_model_config(cls, model: Any) -> DecoderShape:
@@ -128,7 +128,7 @@ class DecoderShape:
                    heads=model.num_heads, kv_heads=model.num_kv_heads, head_dim=head_dim,
                    layers=model.num_layers, vocab=model.vocab_size,
                    compute_bytes=np.dtype(model.dtype).itemsize,
-                   flash_attention=model.get("attention_impl") == "cudnn")
+                   flash_attention=model.get("attention_impl") in ("cudnn", "pallas", "splash"))
 
     def layer_params(self) -> int:
         d, f, h, k, dh = self.hidden, self.intermediate, self.heads, self.kv_heads, self.head_dim

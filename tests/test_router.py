@@ -1,6 +1,7 @@
 """MoE routing: router losses (jaxtrain.losses.router), GShard dispatch
-(jaxtrain.models.moe.dispatch_and_combine) and the MoE module with the router losses of its
-statistics, against NumPy / plain-loop references."""
+(jaxtrain.models.moe.dispatch_and_combine) and the MoE module's capacity path with the router
+losses of its statistics, against NumPy / plain-loop references (the dropless path:
+tests/test_moe_dropless.py)."""
 
 import math
 
@@ -244,7 +245,7 @@ def test_dispatch_first_choice_beats_earlier_second_choice():
 
 def _moe(**kw) -> MoE:
     base = dict(num_experts=4, num_experts_per_tok=2, intermediate_size=12,
-                capacity_factor=1.25, initializer_range=0.5)
+                capacity_factor=1.25, initializer_range=0.5, impl="capacity")
     return MoE(**{**base, **kw})
 
 

@@ -21,8 +21,8 @@ from jaxtrain.tree import path_str
 
 def inference_task(config: Mapping[str, Any], platforms: Sequence[str] = ()) -> Task:
     """The run's task, built from its saved config for inference: LoRA off (the params are
-    merged), no distillation teacher; cuDNN attention becomes XLA's when exporting for
-    another platform than cuda; a config saved before ``model.name`` existed gets its task's
+    merged), no distillation teacher; a kernel attention (cuDNN, Pallas GPU, TPU Splash)
+    becomes XLA's when exporting for another platform than the kernel's; a config saved before ``model.name`` existed gets its task's
     default model family. An ExportError when the task cannot be built."""
     c = copy.deepcopy(dict(config))
     if not c.get("task"):
@@ -32,9 +32,11 @@ def inference_task(config: Mapping[str, Any], platforms: Sequence[str] = ()) -> 
     if isinstance(c.get("distill"), dict):
         c["distill"] = {**c["distill"], "teacher": ""}
     model = c.get("model")
-    if isinstance(model, dict) and model.get("attention_impl") == "cudnn" and any(
-            p != "cuda" for p in platforms):
-        logging.info("Exporting for %s: cuDNN attention replaced by XLA's.", ",".join(platforms))
+    kernel_platform = {"cudnn": "cuda", "pallas": "cuda", "splash": "tpu"}
+    impl = model.get("attention_impl") if isinstance(model, dict) else None
+    if impl in kernel_platform and any(p != kernel_platform[impl] for p in platforms):
+        logging.info("Exporting for %s: %s attention replaced by XLA's.", ",".join(platforms),
+                     impl)
         c["model"] = {**model, "attention_impl": "xla"}
     try:
         task_cls = get_task(c["task"])

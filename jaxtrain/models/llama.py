@@ -3,8 +3,9 @@
 token embedding -> N x [x + attn(RMSNorm(x)); x + mlp(RMSNorm(x))] -> RMSNorm -> head
 
 * RoPE in Hugging Face's "rotate half" layout, so converted weights need no permutation;
-* grouped-query attention through ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU
-  with ``attention_impl='cudnn'``); packed rows attend only within their own segment;
+* grouped-query attention through :func:`jaxtrain.models.attention.attention` (``attention_impl``:
+  XLA, cuDNN, the Pallas GPU flash kernel or TPU Splash); packed rows attend only within their
+  own segment, from segment ids (the flash kernels hold no T×T array);
 * SwiGLU MLP ``down(silu(gate(x)) * up(x))``, or a top-k mixture of SwiGLU experts
   (:mod:`jaxtrain.models.moe`);
 * parameters in ``param_dtype`` (float32), compute in ``dtype`` (bfloat16 on accelerators);
@@ -28,6 +29,9 @@ Parameter tree (names follow Hugging Face's so :mod:`jaxtrain.hf.llama` is a ren
 With ``scan_layers`` the ``layers_{i}`` subtrees are stacked into one ``layers`` subtree
 (:func:`unstack_layers` turns such a tree back into the unrolled layout).
 
+As a text encoder (embedding models): :class:`LlamaEncoder` ``(tokens, mask) -> hidden [B, T,
+D]`` (no output layer), causal as pretrained or bidirectional with ``causal=False``.
+
 KV cache (incremental decoding, unrolled layers only): ``Llama(cfg).apply(..., cache=cache)``
 with a cache from :func:`init_cache` writes the new tokens' keys and values at slots
 ``index .. index + T - 1`` and attends over the cache; see :class:`Llama`.
@@ -44,7 +48,10 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxtrain.errors import ConfigError
+from jaxtrain.models.attention import attention, check_impl
 from jaxtrain.models.layers import Dtype, dot_product_attention, partitioned
+from jaxtrain.models.moe import IMPLS as MOE_IMPLS
 from jaxtrain.models.moe import MoE
 from jaxtrain.models.registry import CAUSAL_LM, ModelFamily
 
@@ -94,13 +101,18 @@ class LlamaConfig:
     dtype: str = "float32"  # compute dtype: 'float32' | 'bfloat16' | 'float16' (+ loss scaling)
     remat_policy: str = "none"  # one of REMAT_POLICIES
     scan_layers: bool = False
-    attention_impl: str | None = None  # jax.nn.dot_product_attention: 'xla', 'cudnn', None
+    # jaxtrain.models.attention: 'auto' (None), 'xla', 'cudnn', 'pallas' (GPU), 'splash' (TPU)
+    attention_impl: str | None = None
     offload_params: bool = False  # read by the trainer (params in host memory), not the model
     # Mixture of experts (num_experts = 0: dense SwiGLU MLP).
     num_experts: int = 0
     num_experts_per_tok: int = 2
     capacity_factor: float = 1.25  # expert capacity = ceil(k * tokens * factor / experts)
     moe_intermediate_size: int = 0  # 0 = intermediate_size
+    # 'dropless': sorted grouped matmul, no token dropped; 'capacity': GShard dispatch
+    moe_impl: str = "dropless"
+    # False: bidirectional attention (a decoder used as a text encoder, as LLM2Vec); no KV cache
+    causal: bool = True
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -134,9 +146,12 @@ class LlamaConfig:
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"LlamaConfig.remat_policy must be one of {sorted(REMAT_POLICIES)}; "
                              f"got {self.remat_policy!r}")
-        if self.attention_impl not in (None, "xla", "cudnn"):
-            raise ValueError("LlamaConfig.attention_impl must be None, 'xla' or 'cudnn'; "
-                             f"got {self.attention_impl!r}")
+        check_impl(self.attention_impl)
+        if self.attention_impl == "pallas" and self.sliding_window:
+            raise ConfigError(
+                "model.attention_impl='pallas' (the Pallas GPU flash kernel) has no sliding "
+                f"window, but model.sliding_window={self.sliding_window}: use 'cudnn' or 'xla' "
+                "on GPU, 'splash' on TPU")
         if self.num_experts and not self.num_experts_per_tok <= self.num_experts:
             raise ValueError(
                 f"LlamaConfig.num_experts_per_tok ({self.num_experts_per_tok}) must be <= "
@@ -145,6 +160,10 @@ class LlamaConfig:
         if not self.capacity_factor > 0:
             raise ValueError(f"LlamaConfig.capacity_factor must be > 0; "
                              f"got {self.capacity_factor!r}")
+        if self.moe_impl not in MOE_IMPLS:
+            raise ConfigError(f"model.moe_impl must be one of {list(MOE_IMPLS)} ('dropless': no "
+                              f"token dropped; 'capacity': GShard dispatch with capacity_factor); "
+                              f"got {self.moe_impl!r}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LlamaConfig:
@@ -238,15 +257,6 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
     return out.astype(x.dtype)
 
 
-def segment_mask(segment_ids: Array | None) -> Array | None:
-    """[B, 1, T, T] bool, True where query and key are in the same segment (packed rows), or
-    None without segment ids (causal attention alone needs no mask array)."""
-    if segment_ids is None:
-        return None
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return same[:, None, :, :]
-
-
 class Projection(nn.Module):
     """``y = x · kernel (+ bias)`` contracting the last ``in_dims`` axes of x; the kernel is
     stored with its full shape ``[in..., out...]`` (no flattening), so its logical axis names
@@ -309,7 +319,7 @@ class Attention(nn.Module):
     layer: int = 0  # this layer's index in a KV cache's leading axis
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array | None,
+    def __call__(self, x: Array, positions: Array, segment_ids: Array | None,
                  cache: dict[str, Array] | None = None):
         cfg = self.cfg
         dt, dh = cfg.compute_dtype, cfg.head_size
@@ -325,11 +335,11 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
         q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
         if cache is None:
-            window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
-            out = dot_product_attention(
-                q, k, v, mask=mask, is_causal=True, local_window_size=window,
-                implementation=cfg.attention_impl,
-            )
+            # causal=False (a bidirectional text encoder): the window spans both sides
+            w = cfg.sliding_window - 1
+            window = (w, 0 if cfg.causal else w) if cfg.sliding_window else None
+            out = attention(q, k, v, segment_ids=segment_ids, causal=cfg.causal, window=window,
+                            impl=cfg.attention_impl)
         else:
             # Write this layer's new keys/values into the whole cache (one buffer: XLA can
             # update it in place), then attend over the layer's slots. XLA attention: cuDNN's
@@ -372,12 +382,13 @@ class DecoderBlock(nn.Module):
     layer: int = 0  # this block's index in a KV cache's leading axis
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array | None,
+    def __call__(self, x: Array, positions: Array, segment_ids: Array | None,
                  cache: dict[str, Array] | None = None):
         cfg = self.cfg
         x = nn.with_logical_constraint(x, ACT)
         h = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="input_layernorm")(x)
-        attn = Attention(cfg, layer=self.layer, name="self_attn")(h, positions, mask, cache)
+        attn = Attention(cfg, layer=self.layer, name="self_attn")(h, positions, segment_ids,
+                                                                 cache)
         if cache is not None:
             attn, cache = attn
         x = x + attn
@@ -386,7 +397,7 @@ class DecoderBlock(nn.Module):
             h, stats = MoE(cfg.num_experts, cfg.num_experts_per_tok,
                            cfg.moe_intermediate_size or cfg.intermediate_size,
                            cfg.capacity_factor, cfg.initializer_range, cfg.compute_dtype,
-                           name="mlp")(h)
+                           cfg.moe_impl, name="mlp")(h)
         else:
             h, stats = SwiGLU(cfg, name="mlp")(h), {}
         x = nn.with_logical_constraint(x + h, ACT)
@@ -418,13 +429,18 @@ class Llama(nn.Module):
     ``positions`` default to those counts too (0.. from a row's first real token), which is
     what a left-padded batch needs. ``aux["cache"]`` is the updated cache (index advanced by
     T). Only unrolled layers (``scan_layers=False``; :func:`unstack_layers` converts scanned
-    parameters); remat is ignored. An MoE model drops no token only when each expert's
-    capacity covers the whole group: decode with ``dataclasses.replace(cfg, capacity_factor=
-    num_experts / num_experts_per_tok)`` (capacity = T, the tokens of a row in this call).
+    parameters); remat is ignored. An MoE model with ``moe_impl='capacity'`` drops no token
+    only when each expert's capacity covers the whole group: decode with
+    ``dataclasses.replace(cfg, capacity_factor=num_experts / num_experts_per_tok)`` (capacity =
+    T, the tokens of a row in this call); ``moe_impl='dropless'`` never drops one.
 
     ``last_logits_only=True`` computes the logits of the last position alone ([B, 1, V]; a
     prefill needs no others, and the output layer is most of its cost for a large vocabulary);
     ``aux["hidden"]`` stays [B, T, D].
+
+    ``hidden_only=True`` skips the output layer and returns ``(hidden [B, T, D], aux)``, the
+    final normed hidden states in the compute dtype (``aux`` without ``hidden``): a text
+    encoder's output (:class:`LlamaEncoder`). A model initialised this way has no ``lm_head``.
     """
 
     cfg: LlamaConfig
@@ -437,9 +453,13 @@ class Llama(nn.Module):
         segment_ids: Array | None = None,
         cache: dict[str, Array] | None = None,
         last_logits_only: bool = False,
+        hidden_only: bool = False,
     ) -> tuple[Array, dict[str, Array]]:
         cfg = self.cfg
         b, t = tokens.shape
+        if cache is not None and not cfg.causal:
+            raise ValueError("Llama: a KV cache needs causal attention, but this config has "
+                             "causal=False (a bidirectional encoder): decode with causal=True.")
         if cache is not None:
             if cfg.scan_layers:
                 raise ValueError(
@@ -459,7 +479,7 @@ class Llama(nn.Module):
                                                         cfg.sliding_window)}
         elif positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        mask = segment_mask(segment_ids) if cache is None else None
+        segs = segment_ids if cache is None else None  # the cache reads only padding
         embed = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
             embedding_init=partitioned(_dense_init(cfg), ("vocab", "embed")), name="embed_tokens",
@@ -489,14 +509,16 @@ class Llama(nn.Module):
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, stats = scanned(cfg, name="layers")(x, positions, mask)  # stacked by scan
+            x, stats = scanned(cfg, name="layers")(x, positions, segs)  # stacked by scan
         else:
             per_layer = []
             for i in range(cfg.num_layers):
-                x, s = block(cfg, name=f"layers_{i}")(x, positions, mask)
+                x, s = block(cfg, name=f"layers_{i}")(x, positions, segs)
                 per_layer.append(s)
             stats = jax.tree.map(lambda *s: jnp.stack(s), *per_layer) if per_layer[0] else {}
         x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="norm")(x)
+        if hidden_only:
+            return x, stats
         head_in = x[:, -1:] if last_logits_only else x
         if cfg.tie_embeddings:
             logits = embed.attend(head_in)
@@ -539,6 +561,34 @@ def unstack_layers(params: Mapping[str, Any], num_layers: int | None = None) -> 
     return out
 
 
+class LlamaEncoder(Llama):
+    """The decoder as a text encoder (embedding models): ``__call__(tokens [B, T], mask [B, T]
+    bool = None)`` -> the final normed hidden states [B, T, D] (compute dtype), no output layer
+    (its parameters are :class:`Llama`'s without ``lm_head``). ``cfg.causal`` picks causal
+    (last-token pooling, as E5-Mistral) or bidirectional (as LLM2Vec) attention.
+
+    Padding (``mask`` False) may sit on either side. It is passed as segment ids (real tokens 1,
+    padding 0): a real token attends only to real tokens (before it, when causal), exactly what
+    ``transformers.AutoModel`` (LlamaModel, Qwen2Model, MistralModel) computes with that
+    ``attention_mask``; padded positions hold values that mean nothing. Positions are
+    ``0..T-1`` whatever the padding, as AutoModel without ``position_ids``; RoPE scores depend
+    only on position differences, so a left-padded row gives the same real-token states as
+    unpadded (to float rounding)."""
+
+    def __call__(self, tokens: Array, mask: Array | None = None) -> Array:  # type: ignore[override]
+        segments = None if mask is None else jnp.asarray(mask).astype(jnp.int32)
+        hidden, _ = super().__call__(tokens, segment_ids=segments, hidden_only=True)
+        return hidden
+
+
+def hidden_states(cfg: LlamaConfig, params: Any, tokens: Array,
+                  mask: Array | None = None) -> Array:
+    """:class:`LlamaEncoder`'s final hidden states [B, T, D] of ``tokens`` with padding
+    ``mask`` (True = real token), for ``params`` of :class:`Llama` (an ``lm_head`` is ignored)."""
+    params = {k: v for k, v in params.items() if k != "lm_head"}
+    return LlamaEncoder(cfg).apply({"params": params}, tokens, mask)
+
+
 def inference_inputs(cfg: LlamaConfig, batch_size: int,
                      seq_len: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
     """``tokens``: int32 [batch_size, seq_len]."""
@@ -564,7 +614,7 @@ FAMILY = ModelFamily(
     inference_inputs=inference_inputs,
     inference=inference,
     runtime_fields=("dtype", "remat_policy", "scan_layers", "attention_impl", "capacity_factor",
-                    "offload_params"),
+                    "moe_impl", "offload_params"),
     flops_per_token=LlamaConfig.flops_per_token,
     hf_module="jaxtrain.hf.llama",
     hf_model_types=("llama", "qwen2", "mistral"),

@@ -152,9 +152,10 @@ class LMTask(Task):
         if config.distill.teacher:
             t_cfg, self._teacher_weights, _ = load_pretrained(
                 config.distill.teacher, self.family, "distill.teacher")
-            # run like the student, but route as trained (capacity decides what MoE computes)
+            # run like the student, but route as trained (capacity and the MoE implementation
+            # decide what MoE computes)
             runtime = {k: getattr(self.model_config, k) for k in self.family.runtime_fields
-                       if k != "capacity_factor"}
+                       if k not in ("capacity_factor", "moe_impl")}
             self.teacher_config = dataclasses.replace(t_cfg, **runtime)
             if self.teacher_config.vocab_size != self.model_config.vocab_size:
                 raise ConfigError(
