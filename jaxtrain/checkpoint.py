@@ -10,7 +10,6 @@ import json
 import os
 from typing import Any
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -81,6 +80,8 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
+        import grain  # lazily: a benchmark without grain installed never checkpoints
+
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=options,
@@ -110,6 +111,7 @@ class Checkpointer:
         force: bool = False,
     ) -> bool:
         """Queue an (async) save. `metrics` ranks the checkpoint for best-keeping."""
+        import grain
         if step in self.manager.all_steps():
             return False
         if self.best_metric and metrics is not None and not np.isfinite(
@@ -171,6 +173,8 @@ class Checkpointer:
         same_processes = saved_processes == jax.process_count()
         items = {"state": ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}
         if same_processes:
+            import grain
+
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         if not same_processes:

@@ -60,6 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_every = 50
     c.train.progress_bar = True
     c.train.peak_tflops = 0.0  # per-device peak for MFU; 0 = look up known accelerators
+    # batches read and put on the devices ahead of the step, in a thread (jaxtrain/prefetch.py);
+    # 2 = double buffering, 0 = read and copy in the step's thread
+    c.train.prefetch_to_device = 2
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"
@@ -220,6 +223,7 @@ _RULES: list[Rule] = [
     ("train.loss_scale_growth_interval", lambda v: v >= 1, "must be >= 1"),
     ("train.log_every", lambda v: v > 0, "must be > 0"),
     ("train.peak_tflops", lambda v: v >= 0, "must be >= 0"),
+    ("train.prefetch_to_device", lambda v: v >= 0, "must be >= 0 (0 = no device prefetch)"),
     ("optim.name", lambda v: v in OPTIMIZERS, f"must be one of {OPTIMIZERS}"),
     ("optim.schedule", lambda v: v in SCHEDULES, f"must be one of {SCHEDULES}"),
     ("optim.lr", lambda v: v > 0, "must be > 0 (freeze parameters with optim.param_groups)"),

@@ -33,6 +33,7 @@ from jaxtrain import loss_scale as loss_scale_lib
 from jaxtrain import memory as memory_lib
 from jaxtrain import mesh as mesh_lib
 from jaxtrain import offload
+from jaxtrain import prefetch as prefetch_lib
 from jaxtrain.checkpoint import (
     Checkpointer,
     CheckpointMismatchError,
@@ -431,12 +432,21 @@ class Trainer:
 
     def loop(self, loop: Loop, hooks: Sequence[Hook]) -> Loop:
         """Step from `loop.step` to `loop.stop_at`, calling every hook after each step, until
-        the last step or a hook's stop request. The whole training loop."""
+        the last step or a hook's stop request. The whole training loop.
+
+        Batches are read and put on the devices `train.prefetch_to_device` steps ahead, in a
+        thread (:mod:`jaxtrain.prefetch`); `loop.train_iter` is then the prefetcher, whose
+        state is the data position of the batch last consumed (what checkpoints save). When
+        the loop ends, it is the data iterator again, at that position."""
+        data = loop.train_iter
+        loop.train_iter = prefetch_lib.device_prefetch(
+            data, lambda b: mesh_lib.shard_batch(b, self.mesh),
+            self.config.train.get("prefetch_to_device", 2))
         for hook in hooks:
             hook.on_start(loop)
         try:
             for _ in range(loop.step, loop.stop_at):
-                batch = mesh_lib.shard_batch(next(loop.train_iter), self.mesh)
+                batch = next(loop.train_iter)
                 loop.compiled = self.compiled_step(loop.state, batch)
                 loop.state, loop.metrics = loop.compiled.fn(loop.state, batch)
                 loop.step += 1
@@ -445,8 +455,12 @@ class Trainer:
                 if loop.last:
                     break
         finally:
-            for hook in reversed(hooks):
-                hook.on_end(loop)
+            try:
+                for hook in reversed(hooks):
+                    hook.on_end(loop)
+            finally:
+                loop.train_iter.close()  # un-reads the batches read ahead
+                loop.train_iter = data
         return loop
 
     def train(self, stop_at_step: int | None = None) -> TrainResult:

@@ -27,7 +27,8 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 LAYERS = {
     "leaf": ["errors", "registry", "axes", "tree", "tokenizer_files"],
     "engine": ["config", "mesh", "state", "step", "optim", "checkpoint", "trainer", "writers",
-               "hooks", "task", "evaluator", "workdir", "loss_scale", "offload", "memory"],
+               "hooks", "task", "evaluator", "workdir", "loss_scale", "offload", "memory",
+               "prefetch"],
     "losses": ["losses"],
     "metrics": ["metrics"],
     "models": ["models"],

@@ -21,12 +21,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
 
 from jaxtrain.data.images import decode_image
+
+if TYPE_CHECKING:  # imported where cells are checked (datasets brings it; benchmarks lack it)
+    import pyarrow as pa
 
 SAMPLE_FIRST = 16  # rows decoded from the start of a part
 SAMPLE_RANDOM = 16  # and drawn from the rest
@@ -42,6 +44,8 @@ def _column(ds: Any, col: str) -> pa.ChunkedArray:
 
 def _values(chunk: pa.Array) -> list[tuple[Any, bool]]:
     """(the cell without its bytes, whether it holds bytes) of each cell of an arrow chunk."""
+    import pyarrow as pa
+
     kind = chunk.type
     if isinstance(kind, pa.BaseExtensionType) and kind.extension_name == "arrow.json":
         return [(None if v is None else json.loads(v), False)
@@ -111,6 +115,8 @@ def _item_problem(items: list[Any], kind: str, base_dir: str | None) -> str | No
 def _list_problems(chunk: pa.Array, kind: str, base_dir: str | None, num_negatives: int
                    ) -> Iterator[tuple[int, str]]:
     """Bad cells of a list column chunk: not a list, too short, or an item bad."""
+    import pyarrow as pa
+
     if pa.types.is_list(chunk.type) or pa.types.is_large_list(chunk.type):
         lengths = chunk.value_lengths().to_pylist()
         offsets = chunk.offsets.to_numpy(zero_copy_only=False)

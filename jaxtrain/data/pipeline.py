@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grain
 import numpy as np
 from absl import flags
+
+if TYPE_CHECKING:  # grain is imported when an iterator is built (benchmarks run without it)
+    import grain
 
 
 def train_iterator(
@@ -49,6 +51,8 @@ def train_iterator(
         )
     if workers < 0 or (prefetch is not None and prefetch < 0):
         raise ValueError(f"workers and prefetch must be >= 0; got {workers}, {prefetch}.")
+    import grain
+
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
     if row_map is not None:
         ds = ds.map_with_index(row_map)
