@@ -85,7 +85,7 @@ def load_pretrained(path: str, family: ModelFamily, what: str) -> Pretrained:
             f"a Hugging Face {family.title} directory (config.json + model.safetensors).")
     if is_hf_dir(path):
         found = family_for_hf_dir(path, default=family)
-        if found.name != family.name:
+        if found.name != family.name and found.name not in family.hf_towers:
             raise ConfigError(
                 f"{what} {path!r} is a Hugging Face {found.title} (model family "
                 f"{found.name!r}), not a {family.title} (model.name {family.name!r}).")

@@ -123,11 +123,11 @@ def test_family_for_hf_dir(tmp_path):
         (tmp_path / model_type).mkdir()
         (tmp_path / model_type / "config.json").write_text(json.dumps({"model_type": model_type}))
         assert family_for_hf_dir(str(tmp_path / model_type)) is get_model(name)
-    (tmp_path / "bert").mkdir()
-    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ConfigError, match=r"no registered model family reads model_type 'bert'"):
-        family_for_hf_dir(str(tmp_path / "bert"))
-    assert family_for_hf_dir(str(tmp_path / "bert"), default=get_model("clip")).name == "clip"
+    (tmp_path / "t5").mkdir()
+    (tmp_path / "t5" / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    with pytest.raises(ConfigError, match=r"no registered model family reads model_type 't5'"):
+        family_for_hf_dir(str(tmp_path / "t5"))
+    assert family_for_hf_dir(str(tmp_path / "t5"), default=get_model("clip")).name == "clip"
     with pytest.raises(FileNotFoundError, match="not a Hugging Face model directory"):
         family_for_hf_dir(str(tmp_path))
 
@@ -200,7 +200,12 @@ def test_load_pretrained_from_a_hugging_face_directory(tmp_path):
                                           r"\(model family 'llama'\), not a CLIP"):
         load_pretrained(str(hf), get_model("clip"), "init_from")
     # A model_type no family reads: the expected family's converter says why it cannot.
+    (tmp_path / "xclip").mkdir()
+    (tmp_path / "xclip" / "config.json").write_text(json.dumps({"model_type": "x_clip"}))
+    with pytest.raises(ValueError, match=r"model_type='x_clip': X-CLIP"):
+        load_pretrained(str(tmp_path / "xclip"), get_model("clip"), "init_from")
+    # SigLIP has its own family: asking a CLIP to start from it names that family.
     (tmp_path / "siglip").mkdir()
     (tmp_path / "siglip" / "config.json").write_text(json.dumps({"model_type": "siglip"}))
-    with pytest.raises(ValueError, match=r"model_type='siglip': SigLIP"):
+    with pytest.raises(ConfigError, match=r"is a Hugging Face SigLIP \(model family 'siglip'\)"):
         load_pretrained(str(tmp_path / "siglip"), get_model("clip"), "init_from")

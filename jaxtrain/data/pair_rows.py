@@ -38,10 +38,9 @@ the data, so a resumed run sees the same batches.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-import grain
 import ml_collections
 import numpy as np
 
@@ -58,13 +57,17 @@ from jaxtrain.data.pair_sources import PairRows, load_part, on_bad_row
 from jaxtrain.data.sanity import warn_once
 from jaxtrain.data.tokenizers import TextTokenizer
 
+if TYPE_CHECKING:  # only an annotation here (the iterator comes from jaxtrain.data.pipeline)
+    import grain
+
 _AUGMENT_TAG = (0xA06E, 0x7A11)  # entropy tag of the augmentation rng (seed, tag, position)
 
 
-def load_text_tokenizer(data_cfg: ml_collections.ConfigDict) -> TextTokenizer:
-    """The tokenizer of ``data.tokenizer`` (use its ``vocab_size`` for the text tower)."""
+def load_text_tokenizer(data_cfg: ml_collections.ConfigDict, **encoding: Any) -> TextTokenizer:
+    """The tokenizer of ``data.tokenizer`` (use its ``vocab_size`` for the text tower);
+    ``encoding``: :class:`TextTokenizer`'s ``pad_with`` / ``append_eos``."""
     check_tokenizer(data_cfg, None)
-    return TextTokenizer(data_cfg.tokenizer)
+    return TextTokenizer(data_cfg.tokenizer, **encoding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +76,8 @@ class RowPreparer:
 
     With ``seed`` set (training) the augmentation of field k of the row at global stream
     ``position`` uses ``np.random.default_rng([seed, tag, position, k])``; None: no augmentation
-    (eval).
+    (eval). ``prefixes``: role -> text put before every text of that role (instruction
+    prefixes; negatives take the positive's).
     """
 
     kinds: dict[str, str]  # role -> 'image' | 'text'
@@ -87,6 +91,7 @@ class RowPreparer:
     base_dir: str | None = None
     seed: int | None = None
     substitutes: Sequence | None = None  # on_bad_row='skip': the raw rows to take one from
+    prefixes: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def _rng(self, position: int, field: int) -> np.random.Generator | None:
         if self.seed is None:
@@ -106,7 +111,7 @@ class RowPreparer:
                     f"(or drop the row), or set data.{self.keys[role]} to a text column."
                 )
             assert self.tokenizer is not None
-            return self.tokenizer.encode(value, self.text_max_len)
+            return self.tokenizer.encode(self.prefixes.get(role, "") + value, self.text_max_len)
         try:
             return self.image(value, rng, base_dir=self.base_dir)
         except ValueError as e:
@@ -168,12 +173,19 @@ class RowPreparer:
 
 
 def build_rows(d: ml_collections.ConfigDict, *, which: str, mode: str, num_negatives: int,
-               image_size: int, text_max_len: int, seed: int) -> tuple[Sequence, RowPreparer]:
-    """(raw rows, preparer without seed) of the train (``which="train"``) or eval part."""
+               image_size: int, text_max_len: int, seed: int,
+               tokenizer: TextTokenizer | None = None,
+               prefixes: Mapping[str, str] | None = None) -> tuple[Sequence, RowPreparer]:
+    """(raw rows, preparer without seed) of the train (``which="train"``) or eval part.
+    ``tokenizer``: the loaded ``data.tokenizer`` (default: loaded here); ``prefixes``: role ->
+    instruction prefix of its texts."""
     check_pairs(d, mode, num_negatives, image_size, text_max_len)
     kinds = role_modalities(mode)
     keys = column_keys(mode, num_negatives)
-    tokenizer = TextTokenizer(d.tokenizer) if "text" in kinds.values() else None
+    if "text" not in kinds.values():
+        tokenizer = None
+    elif tokenizer is None:
+        tokenizer = TextTokenizer(d.tokenizer)
     image = image_preprocess(d, image_size)
     part = load_part(d, which, mode=mode, num_negatives=num_negatives, image_size=image_size,
                      seed=seed)
@@ -182,7 +194,8 @@ def build_rows(d: ml_collections.ConfigDict, *, which: str, mode: str, num_negat
                            num_negatives=num_negatives, image=image,
                            tokenizer=tokenizer, text_max_len=text_max_len, where=part.where,
                            base_dir=part.base_dir,
-                           substitutes=rows if on_bad_row(d) == "skip" else None)
+                           substitutes=rows if on_bad_row(d) == "skip" else None,
+                           prefixes=dict(prefixes or {}))
     return rows, preparer
 
 
@@ -197,6 +210,8 @@ def train_iterator(
     batch_size: int,
     process_index: int = 0,
     process_count: int = 1,
+    tokenizer: TextTokenizer | None = None,
+    prefixes: Mapping[str, str] | None = None,
 ) -> grain.DatasetIterator:
     """Endless training batches of this host (``batch_size`` rows, per host), resumable.
 
@@ -205,7 +220,8 @@ def train_iterator(
     exactly (augmentation included; with ``data.workers > 0`` too).
     """
     rows, preparer = build_rows(data_cfg, which="train", mode=mode, num_negatives=num_negatives,
-                                image_size=image_size, text_max_len=text_max_len, seed=seed)
+                                image_size=image_size, text_max_len=text_max_len, seed=seed,
+                                tokenizer=tokenizer, prefixes=prefixes)
     return pipeline.train_iterator(
         rows, batch_size=batch_size, seed=seed, process_index=process_index,
         process_count=process_count, row_map=dataclasses.replace(preparer, seed=seed),
@@ -224,6 +240,8 @@ def eval_batches(
     process_index: int = 0,
     process_count: int = 1,
     seed: int = 0,
+    tokenizer: TextTokenizer | None = None,
+    prefixes: Mapping[str, str] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One pass over the eval rows, no augmentation; the last batch padded, with ``valid``.
 
@@ -231,6 +249,7 @@ def eval_batches(
     get the set the CLIP task always used). The data is opened (and checked) on the call.
     """
     rows, preparer = build_rows(data_cfg, which="eval", mode=mode, num_negatives=num_negatives,
-                                image_size=image_size, text_max_len=text_max_len, seed=seed)
+                                image_size=image_size, text_max_len=text_max_len, seed=seed,
+                                tokenizer=tokenizer, prefixes=prefixes)
     return pipeline.eval_batches(rows, batch_size=batch_size, process_index=process_index,
                                  process_count=process_count, row_map=preparer)

@@ -7,6 +7,8 @@
   to GPT-2's), so it works with no network. ``<|endoftext|>`` (id 50256) is its eos, bos, unk and
   pad token. It has no chat template: :mod:`jaxtrain.data.chat` then uses ChatML written as plain
   text (the markers are not added to the vocabulary, which stays exactly GPT-2's).
+- ``"shapes-wordpiece"``: a BERT WordPiece tokenizer of the shapes captions' words (and ASCII
+  characters), built in memory (:mod:`jaxtrain.data.wordpiece`): BERT towers on built-in data.
 - a local directory written by ``save_pretrained``, or a Hugging Face hub name (needs the network
   or a warm HF cache): :func:`jaxtrain.tokenizer_files.load_pretrained_tokenizer`, the one loader
   that the Hugging Face checkpoint converters use too.
@@ -31,6 +33,8 @@ import numpy as np
 
 from jaxtrain.data.shapes import CaptionTokenizer
 from jaxtrain.data.sources import package_dir
+from jaxtrain.data.wordpiece import NAME as SHAPES_WORDPIECE
+from jaxtrain.data.wordpiece import shapes_wordpiece
 from jaxtrain.errors import ConfigError
 from jaxtrain.tokenizer_files import load_pretrained_tokenizer
 
@@ -76,6 +80,8 @@ def load_tokenizer(name: str, *, strict: bool = True) -> Any:
     """
     if name == BUILTIN_TOKENIZER:
         return _builtin_gpt2()
+    if name == SHAPES_WORDPIECE:
+        return shapes_wordpiece()
     tok = load_pretrained_tokenizer(name, builtin=BUILTIN_TOKENIZER)
     if strict and not getattr(tok, "is_fast", False):
         raise ValueError(
@@ -112,10 +118,17 @@ class TextTokenizer:
     """Text to int32 ids ``[max_len]``: the shapes :class:`CaptionTokenizer` (name ``""``) or a
     Hugging Face tokenizer (:func:`load_tokenizer`, not strict) that pads with its pad id (its eos
     when it has none) and truncates to ``max_len``, special tokens (e.g. CLIP's bos/eos)
-    included."""
+    included.
 
-    def __init__(self, name: str = "") -> None:
+    ``pad_with``: pad with this value instead of the pad id (the ``embedder`` model family pads
+    with -1, unambiguous for any tokenizer); ``append_eos``: end every text with the eos id
+    (truncating the text to make room), for last-token pooling.
+    """
+
+    def __init__(self, name: str = "", *, pad_with: int | None = None,
+                 append_eos: bool = False) -> None:
         self.name = name
+        self.pad_with, self.append_eos = pad_with, append_eos
         self._caption: CaptionTokenizer | None = None
         self._hf: Any = None
         if name == "":
@@ -123,7 +136,7 @@ class TextTokenizer:
             self.pad_id, self.vocab_size = self._caption.pad_id, self._caption.vocab_size
         else:
             self._hf = load_tokenizer(name, strict=False)
-            if name == BUILTIN_TOKENIZER:
+            if name in (BUILTIN_TOKENIZER, SHAPES_WORDPIECE):
                 # The built-in tokenizer is one shared object, and encode() sets its truncation
                 # and padding (state of the Rust tokenizer): work on a copy, or every later user
                 # of it (the LM task) would truncate too.
@@ -152,6 +165,8 @@ class TextTokenizer:
 
     def encode(self, text: str, max_len: int) -> np.ndarray:
         """int32 ``[max_len]`` ids of ``text``. Thread-safe."""
+        if self.pad_with is not None or self.append_eos:
+            return self._encode_unpadded(text, max_len)
         if self._caption is not None:
             return self._caption.encode(text, max_len)
         # A fast tokenizer call sets the Rust tokenizer's truncation/padding: concurrent calls
@@ -160,6 +175,23 @@ class TextTokenizer:
             ids = self._hf(text, max_length=max_len, truncation=True, padding="max_length",
                            return_attention_mask=False)["input_ids"]
         return np.asarray(ids, dtype=np.int32)
+
+    def _encode_unpadded(self, text: str, max_len: int) -> np.ndarray:
+        """``encode`` with ``pad_with`` / ``append_eos``: the ids, eos-ended if asked, padded
+        with ``pad_with`` (else the pad id) on the right."""
+        if self._caption is not None:
+            padded = self._caption.encode(text, max_len)  # [bos] + words + [eos] + pads
+            ids = padded[:int(np.argmax(padded == self._caption.eos_id)) + 1].tolist()
+        else:
+            with self._lock:
+                ids = self._hf(text, max_length=max_len, truncation=True, padding=False,
+                               return_attention_mask=False)["input_ids"]
+        if self.append_eos and (not ids or ids[-1] != self.eos_id):
+            ids = [*ids[:max_len - 1], self.eos_id]
+        out = np.full((max_len,), self.pad_id if self.pad_with is None else self.pad_with,
+                      dtype=np.int32)
+        out[:len(ids)] = ids
+        return out
 
     def __getstate__(self) -> dict[str, Any]:  # for grain worker processes: locks don't pickle
         return {k: v for k, v in self.__dict__.items() if k != "_lock"}

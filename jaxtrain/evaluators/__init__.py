@@ -2,8 +2,10 @@
 
 Built-in types: ``retrieval`` and ``zero_shot`` (contrastive task), ``perplexity`` (LM task),
 ``preference`` (DPO task), ``generation`` (LM and DPO tasks: decoded completions scored by
-BLEU / ROUGE / exact match). Add one with :func:`register_evaluator` (a subclass of
-:class:`jaxtrain.evaluator.Evaluator` with a unique `type`).
+BLEU / ROUGE / exact match), ``information_retrieval`` (contrastive task: nDCG@10, MRR@10,
+recall@k of queries over a corpus, built-in or an MTEB-layout directory). Add one with
+:func:`register_evaluator` (a subclass of :class:`jaxtrain.evaluator.Evaluator` with a unique
+`type`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ EVALUATORS = Registry("evaluator", "evals.<name>.type", {
     "perplexity": "jaxtrain.evaluators.perplexity:PerplexityEvaluator",
     "preference": "jaxtrain.evaluators.preference:PreferenceEvaluator",
     "generation": "jaxtrain.evaluators.generation:GenerationEvaluator",
+    "information_retrieval":
+        "jaxtrain.evaluators.information_retrieval:InformationRetrievalEvaluator",
 })
 
 

@@ -7,6 +7,7 @@ params-only jaxtrain checkpoint, and LoRA adapters alone.
     python -m jaxtrain.export --workdir=runs/dpo --params_out=exports/dpo_merged
     python -m jaxtrain.export --workdir=runs/dpo --adapters_out=exports/dpo_lora   # LoRA runs
     python -m jaxtrain.export --workdir=runs/lm --hf_out=exports/lm_hf --dtype=bf16  # bf16 weights
+    python -m jaxtrain.export --workdir=runs/embed --format=sentence-transformers --out=exports/st
 
 A LoRA run's adapters are merged into its base weights (W + alpha/r · A B) for every format but
 `--adapters_out`. `--params_out` writes `<dir>/checkpoints/<step>/{state,meta}` with the merged
@@ -37,6 +38,10 @@ Every format is verified after writing (reloaded and compared with the in-memory
 bundle is written to a temporary directory next to `--out` and moved into place only when all
 checks pass, so a failed export leaves nothing behind.
 
+`--format=sentence-transformers` (alone) writes an `embedder` run (bert or causal llama text
+tower) as a folder `sentence_transformers.SentenceTransformer(path)` loads, checked by comparing
+its `encode()` with the run's embeddings (:mod:`~jaxtrain.export.sentence_transformers`).
+
 Modules: :mod:`~jaxtrain.export.bundle` (the bundle), :mod:`~jaxtrain.export.params`
 (safetensors, params-only checkpoints), :mod:`~jaxtrain.export.stablehlo` (`jax.export`),
 :mod:`~jaxtrain.export.runner` (the bundle's standalone runner), :mod:`~jaxtrain.export.hf`
@@ -55,10 +60,12 @@ from jaxtrain.export.params import (
     load_safetensors,
     save_safetensors,
 )
+from jaxtrain.export.sentence_transformers import export_sentence_transformers
 from jaxtrain.export.stablehlo import PLATFORMS, default_platforms, export_stablehlo, load_exported
 
 __all__ = [
     "FORMATS", "PLATFORMS", "ExportError", "ExportVerificationError", "cli", "default_platforms",
-    "export_bundle", "export_hf", "export_params", "export_stablehlo", "flatten_params",
+    "export_bundle", "export_hf", "export_params", "export_sentence_transformers",
+    "export_stablehlo", "flatten_params",
     "inference_task", "load_exported", "load_safetensors", "parse_formats", "save_safetensors",
 ]

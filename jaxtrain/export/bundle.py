@@ -32,11 +32,13 @@ def parse_formats(spec: str | Sequence[str]) -> tuple[str, ...]:
     if unknown or not items:
         what = f"Unknown export format {unknown[0]!r}" if unknown else "No export format given"
         raise ExportError(f"{what}: valid formats are {', '.join(FORMATS)} (comma-separated, "
-                          "e.g. --format=safetensors,stablehlo).")
+                          "e.g. --format=safetensors,stablehlo), or sentence-transformers "
+                          "alone (export_sentence_transformers).")
     return tuple(dict.fromkeys(items))
 
 
-def _check_out(out: str, overwrite: bool) -> None:
+def check_out(out: str, overwrite: bool) -> None:
+    """An ExportError when ``out`` is a file, or a non-empty directory and not ``overwrite``."""
     if os.path.isfile(out):
         raise ExportError(f"--out {out!r} is a file: give a directory.")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
@@ -56,7 +58,7 @@ def _checkpoint_step(path: str) -> int | None:
     return max(steps, default=None)
 
 
-def _move_into_place(tmp: str, out: str) -> None:
+def move_into_place(tmp: str, out: str) -> None:
     """`tmp` becomes `out` (an existing `out` replaced), with the usual directory mode."""
     umask = os.umask(0)
     os.umask(umask)
@@ -103,7 +105,7 @@ def export_bundle(
     if not out:
         raise ExportError("No output directory: give --out, the bundle's directory.")
     out = os.path.abspath(out)
-    _check_out(out, overwrite)
+    check_out(out, overwrite)
     platforms = tuple(p.strip().lower() for p in (platforms or default_platforms()) if p.strip())
     bad = [p for p in platforms if p not in PLATFORMS]
     if bad or not platforms:
@@ -154,7 +156,7 @@ def export_bundle(
         if "model_type" in hf_options:
             manifest["hf_model_type"] = hf_options["model_type"]
         _write_json(os.path.join(tmp, "export.json"), manifest)
-        _move_into_place(tmp, out)
+        move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -17,6 +17,7 @@ from jaxtrain.export.checks import ExportError, ExportVerificationError
 from jaxtrain.export.hf import check_hf_format, save_hf, save_options
 from jaxtrain.export.inference import inference_task
 from jaxtrain.export.params import SAVE_DTYPES, cast_params, export_params, save_dtype
+from jaxtrain.export.sentence_transformers import FORMAT as ST_FORMAT
 from jaxtrain.weights import read_run
 
 
@@ -26,7 +27,8 @@ def _define_flags() -> dict[str, Any]:
         "workdir": flags.DEFINE_string("workdir", None, "The run to export (its newest "
                                        "checkpoint)."),
         "formats": flags.DEFINE_string("format", None, "Comma-separated bundle formats for "
-                                       f"--out: {', '.join(FORMATS)}."),
+                                       f"--out: {', '.join(FORMATS)}; or {ST_FORMAT} alone (an "
+                                       "embedder's sentence-transformers folder)."),
         "out": flags.DEFINE_string("out", None, "The bundle's directory (must not exist or be "
                                    "empty, unless --overwrite)."),
         "batch_size": flags.DEFINE_integer("batch_size", 8, "stablehlo: the exported batch "
@@ -83,9 +85,19 @@ def cli(
             raise app.UsageError(f"--out needs --format=..., comma-separated from "
                                  f"{', '.join(FORMATS)}.")
         try:
-            export_bundle(workdir, out, formats, batch_size=batch_size, seq_len=seq_len,
-                          platforms=platforms, model_type=model_type, overwrite=overwrite,
-                          dtype=dtype)
+            wanted = [f.strip().lower() for f in formats.split(",") if f.strip()]
+            if ST_FORMAT in wanted:
+                if len(wanted) > 1:
+                    raise app.UsageError(f"--format={ST_FORMAT} writes its own folder: export "
+                                         "it alone (another --out for the other formats).")
+                from jaxtrain.export.sentence_transformers import export_sentence_transformers
+
+                export_sentence_transformers(workdir, out, model_type=model_type,
+                                             overwrite=overwrite, dtype=dtype)
+            else:
+                export_bundle(workdir, out, formats, batch_size=batch_size, seq_len=seq_len,
+                              platforms=platforms, model_type=model_type, overwrite=overwrite,
+                              dtype=dtype)
         except (ExportError, ExportVerificationError, FileNotFoundError) as e:
             sys.exit(f"jaxtrain.export: {e}")
     elif not (hf_out or params_out or adapters_out):

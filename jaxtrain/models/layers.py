@@ -44,6 +44,9 @@ _ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     # OpenAI CLIP's QuickGELU: x * sigmoid(1.702 x).
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    # tanh-approximated GELU, as Hugging Face's ``"gelu_pytorch_tanh"`` (SigLIP):
+    # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))).
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
 }
 
 default_kernel_init = nn.initializers.xavier_uniform()
@@ -51,7 +54,7 @@ default_embed_init = nn.initializers.normal(stddev=0.02)
 
 
 def get_activation(name: str) -> Callable[[Array], Array]:
-    """Returns the activation function called ``name`` ('gelu' or 'quick_gelu')."""
+    """Returns the activation function called ``name`` (a key of ``_ACTIVATIONS``)."""
     try:
         return _ACTIVATIONS[name]
     except KeyError:

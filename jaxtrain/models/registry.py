@@ -41,8 +41,11 @@ from jaxtrain.registry import Registry
 #   "dropped_fraction" stacked over layers).
 # DUAL_ENCODER: module(images, tokens) -> {"image_embeds", "text_embeds", "logit_scale", ...},
 #   with methods encode_image, encode_text and scalars (as jaxtrain.models.clip.CLIP).
+# TEXT_ENCODER: module(tokens [B, T], mask [B, T] bool) -> hidden [B, T, D] (a tower of the
+#   `embedder` family, e.g. jaxtrain.models.bert.Bert).
 CAUSAL_LM = "causal_lm"
 DUAL_ENCODER = "dual_encoder"
+TEXT_ENCODER = "text_encoder"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +73,9 @@ class ModelFamily:
     # save_hf(path, params, cfg, **extras) and data_settings(path) -> dict; "" = none.
     hf_module: str = ""
     hf_model_types: tuple[str, ...] = ()  # config.json model_types that hf_module reads
+    # Families whose Hugging Face directories hf_module also reads, as parts of this model
+    # (the embedder: a bert / llama / clip / siglip directory becomes its towers).
+    hf_towers: tuple[str, ...] = ()
     # Keys of a run's `data` config that its weights imply (its tokenizer, its image
     # normalisation): handed on with the weights to a run that starts from them.
     data_keys: tuple[str, ...] = ()
@@ -120,6 +126,9 @@ class ModelFamily:
 MODELS = Registry("model", "config.model.name", {
     "llama": "jaxtrain.models.llama:FAMILY",
     "clip": "jaxtrain.models.clip:FAMILY",
+    "embedder": "jaxtrain.models.embedder:FAMILY",
+    "bert": "jaxtrain.models.bert:FAMILY",
+    "siglip": "jaxtrain.models.siglip:FAMILY",
 })
 
 

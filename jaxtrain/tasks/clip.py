@@ -17,6 +17,11 @@ One task, chosen by config:
   CLIP directory); loss = ``alpha · distill_KL + (1 − alpha) · contrastive``.
 * ``init_from``: start from a Hugging Face ``CLIPModel`` directory (its weights, tokenizer and
   image preprocessing) or a jaxtrain CLIP workdir.
+* ``model.name``: any ``DUAL_ENCODER`` family: ``clip``, ``siglip``, or ``embedder`` (towers from
+  the registry, :mod:`jaxtrain.models.embedder`: its token rows are -1 padded, eos-ended for
+  last-token pooling, and on built-in data its tower's offline tokenizer is used);
+  ``contrastive.query_prefix`` / ``positive_prefix`` go before every query / positive and
+  negative text (training rows and :meth:`ClipTask.tokenize_texts` alike).
 
 Evaluators (``config.evals``): ``retrieval`` (recall@1/5/10 in both directions and mean rank on
 the held-out pairs) and ``zero_shot`` (classification accuracy on a labelled image set); see
@@ -32,13 +37,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 from ml_collections import config_dict
 
 from jaxtrain.config import ConfigError, base_config
 from jaxtrain.data import pair_config, pair_rows
 from jaxtrain.data.pair_config import PAIR_MODES
-from jaxtrain.data.shapes import CaptionTokenizer
+from jaxtrain.data.shapes import MIN_IMAGE_SIZE, CaptionTokenizer
+from jaxtrain.data.tokenizers import BUILTIN_TOKENIZER, SHAPES_WORDPIECE
 from jaxtrain.evaluators import eval_config
 from jaxtrain.grad_cache import gradient_cache
 from jaxtrain.losses import contrastive
@@ -49,6 +56,9 @@ from jaxtrain.weights import load_pretrained
 
 LOSSES = ("infonce", "siglip")
 SIGLIP_DEFAULTS = {"logit_bias_init": -10.0, "init_temperature": 0.1}  # Zhai et al. 2023
+# The `embedder` family's text towers on the built-in shapes data with data.tokenizer='': the
+# offline tokenizer each reads (the caption vocabulary is the CLIP tower's).
+SHAPES_TOKENIZERS = {"bert": SHAPES_WORDPIECE, "llama": BUILTIN_TOKENIZER}
 
 
 class ClipTask(Task):
@@ -73,6 +83,8 @@ class ClipTask(Task):
             num_negatives=0,  # hard negatives per row, from the data
             unified_encoder=False,  # t2t / i2i: one forward pass over queries + positives
             local_loss=False,  # jax.shard_map loss: each device scores only its own queries
+            query_prefix="",  # put before every query text (e.g. 'query: ', an instruction)
+            positive_prefix="",  # put before every positive and negative text ('passage: ')
         ))
         c.train.use_gradient_cache = False
         c.train.gradient_cache_chunk_size = 0  # rows embedded at a time (divides the batch)
@@ -86,7 +98,11 @@ class ClipTask(Task):
     def schema(cls, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         """The defaults, with the `model` keys of the family `model.name` names."""
         c = cls.default_config()
-        c.model = ml_collections.ConfigDict(model_schema(c.model, config.model, DUAL_ENCODER))
+        model = model_schema(c.model, config.model, DUAL_ENCODER)
+        family_schema = getattr(get_model(model["name"]).config_cls, "schema", None)
+        if family_schema is not None:  # nested tower blocks (embedder: model.text, model.image)
+            model = family_schema(config.model.to_dict())
+        c.model = ml_collections.ConfigDict(model)
         return c
 
     @classmethod
@@ -126,14 +142,22 @@ class ClipTask(Task):
             if model["init_temperature"] == self.family.config_cls.init_temperature:
                 model["init_temperature"] = SIGLIP_DEFAULTS["init_temperature"]
         self.data_config = self._data_config(data_overrides)
-        self.tokenizer = pair_rows.load_text_tokenizer(self.data_config)
-        if self.data_config.tokenizer and model["text_pooling"] == "last" and \
+        self._builtin_tokenizer(model)
+        self.tokenizer = pair_rows.load_text_tokenizer(self.data_config,
+                                                       **self._text_rows(model))
+        if self.data_config.tokenizer and model.get("text_pooling") == "last" and \
                 self.tokenizer.eos_id != 2:
             # A Hugging Face tokenizer pads with its own id (often its EOS), not 0: pool at the
             # first EOS, as transformers' CLIP does (and so the model exports to its format).
             model.update(text_pooling="eos", eos_token_id=self.tokenizer.eos_id)
         self.model_config = self.family.config(model)
         self.model = self.family.module(self.model_config)
+        if "image" in (self.query_modality, self.positive_modality) and \
+                not self.model_config.image_size:
+            raise ConfigError(
+                f"contrastive.mode {c.mode!r} embeds images, but the model has no image tower "
+                "(model.image_tower='none'): set model.image_tower ('clip' or 'siglip') and "
+                "model.image, or use mode 't2t'.")
         self._check_vocab()
         self._check_gradient_cache()
 
@@ -159,6 +183,41 @@ class ClipTask(Task):
                 logging.info("data.%s = %r (from %s)", key, value, self.config.init_from)
                 d[key] = value
         return d
+
+    def _builtin_tokenizer(self, model: dict) -> None:
+        """The built-in shapes data with ``data.tokenizer=''`` and a text tower that cannot read
+        the caption vocabulary's ids: that tower's offline tokenizer (:data:`SHAPES_TOKENIZERS`:
+        BERT WordPiece of the caption words, GPT-2 BPE for decoders)."""
+        d = self.data_config
+        name = SHAPES_TOKENIZERS.get(model.get("text_tower", ""))
+        if name and d.tokenizer == "" and d.name == pair_config.SHAPES:
+            logging.info("data.tokenizer = %r (the %s tower on built-in data)", name,
+                         model["text_tower"])
+            d.tokenizer = name
+
+    def _text_rows(self, model: dict) -> dict:
+        """How the family wants its token rows (``TextTokenizer``'s ``pad_with``,
+        ``append_eos``): ``config_cls.text_rows(model)`` where the family defines it (the
+        ``embedder``: -1 padding, an eos for last-token pooling), else the tokenizer's own."""
+        text_rows = getattr(self.family.config_cls, "text_rows", None)
+        return dict(text_rows(model)) if text_rows is not None else {}
+
+    @property
+    def prefixes(self) -> dict[str, str]:
+        """role -> the instruction prefix of its texts (negatives take the positive's)."""
+        c = self.config.contrastive
+        return {"query": c.query_prefix, "positive": c.positive_prefix,
+                "negatives": c.positive_prefix}
+
+    def tokenize_texts(self, texts, role: str) -> np.ndarray:
+        """int32 ``[N, text_max_len]`` token rows of ``texts`` as the training rows of ``role``
+        have them ('query': ``contrastive.query_prefix`` first; 'positive': ``positive_prefix``):
+        the same tokenizer, padding and eos. Feed them to :meth:`encode` (modality 'text')."""
+        if role not in ("query", "positive"):
+            raise ValueError(f"tokenize_texts: role must be 'query' or 'positive'; got {role!r}.")
+        prefix, max_len = self.prefixes[role], self.model_config.text_max_len
+        rows = [self.tokenizer.encode(prefix + text, max_len) for text in texts]
+        return np.stack(rows) if rows else np.zeros((0, max_len), np.int32)
 
     @property
     def microbatch(self) -> int:
@@ -335,7 +394,10 @@ class ClipTask(Task):
         m = self.model_config
         return dict(mode=self.config.contrastive.mode,
                     num_negatives=self.config.contrastive.num_negatives,
-                    image_size=m.image_size, text_max_len=m.text_max_len)
+                    # a model without an image tower (image_size 0) reads no images; the
+                    # built-in data still renders them at the smallest size
+                    image_size=m.image_size or MIN_IMAGE_SIZE, text_max_len=m.text_max_len,
+                    tokenizer=self.tokenizer, prefixes=self.prefixes)
 
     def train_iterator(self, *, seed, batch_size, process_index, process_count):
         return pair_rows.train_iterator(
