@@ -4,10 +4,10 @@
     python benchmarks/gpu_suite.py --tiny --out=/tmp/suite   # the same rows, tiny shapes, CPU
 
 On the GPU image (Python 3.12, jax + CUDA; no datasets, grain, tensorboardX, ml-collections):
-run ``bash benchmarks/gpu_wheels.sh`` here once (it downloads ml-collections' wheel into
-``.gpu_wheels/``), carry ``.gpu_wheels`` along, and run there
+run ``bash benchmarks/gpu_wheels.sh`` here once (it downloads the ml-collections and Pillow
+wheels into ``.gpu_wheels/``), carry ``.gpu_wheels`` along, and run there
 
-    pip install --no-index --find-links .gpu_wheels ml-collections && \\
+    pip install --no-index --find-links .gpu_wheels ml-collections pillow && \\
         python benchmarks/gpu_suite.py --out=$OUT
 
 Nothing else is needed there: what the suite touches imports grain, datasets and tensorboardX
@@ -27,6 +27,8 @@ printed in its place and its peak memory is its own; ``--tiny`` runs them in thi
                      peak memory
     moe_dropless     a Llama MoE (hidden 1024, 8 layers, 8 experts, top-2, expert ffn 1408, vocab
                      32000), batch 8 x 2048, dropless routing (model.moe_impl)
+    moe_capacity     the same with GShard capacity routing (capacity factor 1.25): whether
+                     dropless's grouped matmul beats the dispatch einsums on this GPU
     lm_packed        the 953M model on packed rows (several documents per row: segment ids,
                      positions restarting per document; attention_impl 'auto')
     decode           greedy decoding of configs/lm.py's size=1b model (the 953M layers with
@@ -152,10 +154,10 @@ def clip_config(tiny: bool, gradcache: int = 0):
     return c
 
 
-def moe_config(tiny: bool):
+def moe_config(tiny: bool, impl: str = "dropless"):
     c = load_config("moe.py", "runlocal" if tiny else "experts=8,topk=2")
     _common(c, tiny)
-    _set_if(c, "moe_impl", "dropless")
+    _set_if(c, "moe_impl", impl)
     c.data.kind = "synthetic"
     if tiny:
         c.model.vocab_size = 512
@@ -244,6 +246,8 @@ ROWS = [
     Row("clip_gradcache", "CLIP B/32 b16384 gradcache", "train",
         lambda t: clip_config(t, gradcache=512 if not t else 16), "clip", steps=2),
     Row("moe_dropless", "MoE 8x top-2 b8x2048 dropless", "train", moe_config, "lm"),
+    Row("moe_capacity", "MoE 8x top-2 b8x2048 capacity 1.25", "train",
+        lambda t: moe_config(t, impl="capacity"), "lm"),
     Row("lm_packed", "Llama 953M packed rows", "train",
         lambda t: llama_config(t, packed=True), "lm_packed", peer="llama", peer_flops=True),
     Row("decode", "Llama 1b greedy decode b64", "decode"),
