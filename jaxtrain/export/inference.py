@@ -23,7 +23,8 @@ def inference_task(config: Mapping[str, Any], platforms: Sequence[str] = ()) -> 
     """The run's task, built from its saved config for inference: LoRA off (the params are
     merged), no distillation teacher; a kernel attention (cuDNN, Pallas GPU, TPU Splash)
     becomes XLA's when exporting for another platform than the kernel's; a config saved before
-    ``model.name`` existed gets its task's default model family. An ExportError when the task cannot be built."""
+    ``model.name`` existed gets its task's default model family. An ExportError when the task
+    cannot be built."""
     c = copy.deepcopy(dict(config))
     if not c.get("task"):
         raise ExportError("The checkpoint's config names no task (config['task']): is it a "
