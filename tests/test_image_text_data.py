@@ -312,8 +312,8 @@ def pictures():
             for _ in range(10)]
 
 
-def _expected(picture, size=S):
-    return ImagePreprocess(crop=size)(Image.fromarray(picture))
+def _expected(picture, size=S):  # rows carry the uint8 crop (normalised on device)
+    return ImagePreprocess(crop=size, output="uint8")(Image.fromarray(picture))
 
 
 def _check_i2t(d, pictures, tok_name="gpt2", first=None):

@@ -36,6 +36,7 @@ LAYERS = {
     "data": ["data"],
     "tasks": ["tasks", "evaluators", "lora", "grad_cache", "weights", "generate"],
     "face": ["__init__", "main", "api", "cli", "export", "sweep", "lr_find", "generate.cli",
+             "data.prepare",
              "generate.__main__"],
 }
 ALLOWED = {

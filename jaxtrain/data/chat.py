@@ -307,6 +307,18 @@ def sft_rows(
     return pack_pieces(pieces, masks, seq_len, packing=packing)
 
 
+def sft_row(example: Mapping[str, Any], tokenizer: Any, *, seq_len: int,
+            text_fields: Sequence[str] | None = None) -> dict[str, np.ndarray] | None:
+    """One conversation's row ``[seq_len]`` exactly as :func:`sft_rows` without packing makes
+    it, or None when truncation leaves no assistant target (streamed data)."""
+    kept = tokenize_chat(to_messages(example, text_fields=text_fields), tokenizer,
+                         max_len=seq_len)
+    if kept is None:
+        return None
+    rows = pack_pieces([kept[0]], [kept[1]], seq_len, packing=False)
+    return {k: v[0] for k, v in rows.items()}
+
+
 # ----------------------------------------------------------------------------------------------
 # The built-in chat dataset
 
@@ -397,11 +409,12 @@ def builtin_chat_examples(n: int, seed: int) -> list[dict[str, list[dict[str, st
 
 def load_chat_examples(
     source: str, *, split: str = "train", n: int | None = None, seed: int = 0,
-    text_fields: Sequence[str] | None = None, on_bad_row: str = "error",
+    text_fields: Sequence[str] | None = None, on_bad_row: str = "error", subset: str = "",
 ) -> list[dict[str, Any]]:
     """Chat rows of ``source`` (:mod:`jaxtrain.data.sources`): ``"builtin"``, a local file or
     directory (an undivided one split as :func:`jaxtrain.data.sources.split_examples` says), or a
-    hub dataset.
+    hub dataset; ``split`` is a split spec (``train_sft``, ``train[:1%]``), ``subset`` the
+    dataset config (:mod:`jaxtrain.data.sources`).
 
     ``n`` caps the number of rows (for ``"builtin"`` it is the number generated, by default
     4000 for train and 200 for validation). Rows are returned as dicts for :func:`to_messages`;
@@ -415,6 +428,6 @@ def load_chat_examples(
 
     builtin = Builtin(BUILTIN_CHAT, generate, tuple(BUILTIN_CHAT_SIZES))
     examples, rows = read_rows(source, split, builtins={BUILTIN_CHAT: builtin}, n=n,
-                               on_bad_row=on_bad_row)
+                               on_bad_row=on_bad_row, subset=subset)
     return BadRows(on_bad_row, f"{source!r} (split {split!r})").keep(
         examples, rows, lambda example, _: to_messages(example, text_fields=text_fields))

@@ -7,21 +7,34 @@ jsonl/csv file), PIL images and numpy arrays (``[H, W]``, ``[H, W, 1|3|4]``; uin
 [0, 1]). Every image becomes RGB; transparency (RGBA, LA, a palette with a transparent colour)
 is composited onto white, as ``transformers``' ``convert_to_rgb`` does.
 
-Preprocessing, in order:
+Decoding for a target size (:func:`open_image`, :func:`draft_decode`): a JPEG is opened lazily
+(its header gives the size) and decoded with PIL's ``draft()``, the decoder's DCT-domain
+reduced-size modes (1/2, 1/4, 1/8), at the largest reduction that keeps every side the
+preprocessing reads at least as large as it needs: so only a source >= 2x larger than needed is
+reduced, and the resize that follows is a downscale (or identity) as before. Other formats
+decode in full.
 
-- eval / no augmentation (:func:`resize_shorter` then :func:`center_crop`): the shorter side is
+Preprocessing, in order (all on uint8 PIL images, never through float):
+
+- eval / no augmentation, ``resize_mode="shorter_crop"`` (default; :func:`resize_shorter` then
+  :func:`center_crop`): the shorter side is
   resized to ``resize`` and the longer one to ``int(resize * long / short)`` (truncated, as in
   ``transformers``), with a PIL filter (``bicubic`` by default, as CLIP); then the centre
   ``crop x crop`` is cut at ``top = (h - crop) // 2``, ``left = (w - crop) // 2``.
   This is exactly ``transformers``' ``CLIPImageProcessor`` (PIL backend) for
   ``size={"shortest_edge": resize}``, ``crop_size=crop``.
+- eval / no augmentation, ``resize_mode="squash"``: the whole image resized straight to
+  ``crop x crop`` (aspect ratio not kept), as ``transformers``' ``SiglipImageProcessor``.
 - ``random_resized_crop`` (training): a box of ``scale`` times the image's area and aspect ratio
   in ``ratio`` (log-uniform) is drawn as torchvision's ``RandomResizedCrop`` does (10 attempts,
   then a centre crop clamped to the ratio range), from an explicit ``np.random.Generator``, and
   resized to ``crop x crop`` (OpenCLIP trains with ``scale=(0.9, 1.0)``, bicubic).
 - optional horizontal flip with probability 1/2 (training only);
-- :func:`normalize`: ``(x / 255 - mean) / std`` per channel as float32 (``x / 255`` computed in
-  float64 and rounded to float32 first, like ``transformers``), ``[crop, crop, 3]``.
+- ``output="float32"``: :func:`normalize`, ``(x / 255 - mean) / std`` per channel as float32
+  (``x / 255`` computed in float64 and rounded to float32 first, like ``transformers``),
+  ``[crop, crop, 3]``; ``output="uint8"`` (training rows): the uint8 ``[crop, crop, 3]`` crop,
+  4x smaller, normalised on the accelerator by :func:`jaxtrain.tasks.clip.normalize_images`
+  inside the jitted step.
 """
 
 from __future__ import annotations
@@ -47,6 +60,8 @@ INTERPOLATIONS: dict[str, Image.Resampling] = {
     "hamming": Image.Resampling.HAMMING,
 }
 AUGMENTS: tuple[str, ...] = ("none", "random_resized_crop")
+RESIZE_MODES: tuple[str, ...] = ("shorter_crop", "squash")
+OUTPUTS: tuple[str, ...] = ("float32", "uint8")
 RRC_ATTEMPTS = 10
 
 
@@ -87,18 +102,32 @@ def _array_to_pil(array: np.ndarray) -> Image.Image:
     return Image.fromarray(a)
 
 
-def _open_bytes(data: bytes) -> Image.Image:
+class LazyImage:
+    """An opened, not yet decoded image file and how to name it in errors."""
+
+    def __init__(self, image: Image.Image, what: str):
+        self.image, self.what = image, what
+
+    def load(self) -> Image.Image:
+        try:
+            self.image.load()
+        except Exception as e:  # PIL raises OSError, SyntaxError, ... on a corrupt body
+            raise ValueError(f"{self.what} that PIL cannot decode as an image "
+                             f"({type(e).__name__}: {e})") from e
+        return self.image
+
+
+def _open_bytes(data: bytes) -> LazyImage:
     try:
         image = Image.open(io.BytesIO(data))
-        image.load()
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
         raise ValueError(
             f"{len(data)} bytes that PIL cannot decode as an image ({type(e).__name__}: {e})"
         ) from e
-    return image
+    return LazyImage(image, f"{len(data)} bytes")
 
 
-def _open_path(path: str, base_dir: str | None) -> Image.Image:
+def _open_path(path: str, base_dir: str | None) -> LazyImage:
     full = os.path.expanduser(path)
     if not os.path.isabs(full) and base_dir:
         full = os.path.join(base_dir, full)
@@ -106,21 +135,19 @@ def _open_path(path: str, base_dir: str | None) -> Image.Image:
         where = f" (resolved against {base_dir!r})" if base_dir and not os.path.isabs(path) else ""
         raise ValueError(f"the image file {path!r}{where} does not exist")
     try:
-        image = Image.open(full)
-        image.load()
+        with open(full, "rb") as f:  # read whole: no file handle outlives the call
+            image = Image.open(io.BytesIO(f.read()))
     except Exception as e:
         raise ValueError(
             f"PIL cannot decode the image file {full!r} ({type(e).__name__}: {e})"
         ) from e
-    return image
+    return LazyImage(image, f"the image file {full!r}")
 
 
-def decode_image(value: Any, *, base_dir: str | None = None) -> Image.Image:
-    """An RGB PIL image from bytes, a ``{"bytes", "path"}`` dict, a path, a PIL image or an array.
-
-    A relative path is resolved against ``base_dir``. Raises ValueError saying what the value
-    was and why it is not an image.
-    """
+def open_image(value: Any, *, base_dir: str | None = None) -> Image.Image | LazyImage:
+    """``value`` opened but not decoded: encoded bytes and files give a lazy handle whose
+    ``image.size`` is known from the header (:func:`draft_decode` decodes it); PIL images and
+    arrays are returned as PIL images. ValueError as :func:`decode_image`."""
     if isinstance(value, Image.Image):
         image = value
     elif isinstance(value, bytes | bytearray | memoryview):
@@ -150,7 +177,37 @@ def decode_image(value: Any, *, base_dir: str | None = None) -> Image.Image:
             f"a {type(value).__name__} is not an image; expected bytes, a {{'bytes', 'path'}} "
             "dict, a file path, a PIL image or a numpy array"
         )
-    return to_rgb(image)
+    return image
+
+
+def draft_decode(opened: Image.Image | LazyImage, need: tuple[int, int] | None = None
+                 ) -> tuple[Image.Image, float]:
+    """(RGB image, reduction) of an :func:`open_image` result.
+
+    ``need`` = (width, height): the decoded image must be at least this large. A lazy JPEG is
+    then decoded with ``draft()`` at 1/s scale, s the largest of 8, 4, 2, 1 with
+    ``s <= min(W // width, H // height)``; ``reduction`` = 1/s maps source pixel coordinates to
+    decoded ones (an s x s block of the source becomes one pixel; the decoded size is
+    ``ceil(W / s) x ceil(H / s)``). Already decoded images and other formats: reduction 1.
+    """
+    if not isinstance(opened, LazyImage):
+        return to_rgb(opened), 1.0
+    image, scale = opened.image, 1.0
+    if need is not None and image.format == "JPEG" and min(need) > 0:
+        width = image.width  # draft() changes image.size to the reduced one
+        drafted = image.draft(image.mode, (int(need[0]), int(need[1])))
+        if drafted is not None:  # (mode, (0, 0, W / s, H / s))
+            scale = drafted[1][2] / width
+    return to_rgb(opened.load()), scale
+
+
+def decode_image(value: Any, *, base_dir: str | None = None) -> Image.Image:
+    """An RGB PIL image from bytes, a ``{"bytes", "path"}`` dict, a path, a PIL image or an array.
+
+    A relative path is resolved against ``base_dir``. Raises ValueError saying what the value
+    was and why it is not an image.
+    """
+    return draft_decode(open_image(value, base_dir=base_dir))[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,10 +319,14 @@ def normalize(
 
 @dataclasses.dataclass(frozen=True)
 class ImagePreprocess:
-    """Decode + resize/crop (or augment) + normalise one image to float32 ``[crop, crop, 3]``.
+    """Decode + resize/crop (or augment) one image to ``[crop, crop, 3]``: uint8
+    (``output="uint8"``, normalised later on device) or normalised float32 (``"float32"``).
 
-    ``resize`` 0 means ``crop`` (CLIP: resize the shorter side to 224, crop 224). Augmentation
-    (``augment="random_resized_crop"`` and ``hflip``) only happens when an rng is passed.
+    ``resize`` 0 means ``crop`` (CLIP: resize the shorter side to 224, crop 224);
+    ``resize_mode``: ``"shorter_crop"`` or ``"squash"`` (resize to ``crop x crop``, SigLIP).
+    Augmentation (``augment="random_resized_crop"`` and ``hflip``) only happens when an rng is
+    passed. ``draft``: decode JPEGs at a reduced size where the source is >= 2x larger than
+    needed (:func:`draft_decode`).
     """
 
     crop: int
@@ -277,6 +338,9 @@ class ImagePreprocess:
     rrc_scale: tuple[float, float] = (0.9, 1.0)
     rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: bool = False
+    resize_mode: str = "shorter_crop"
+    output: str = "float32"
+    draft: bool = True
 
     def __post_init__(self) -> None:
         _resample(self.interpolation)
@@ -284,31 +348,60 @@ class ImagePreprocess:
             raise ValueError(f"crop must be >= 1 and resize >= 0; got {self.crop}, {self.resize}")
         if self.augment not in AUGMENTS:
             raise ValueError(f"Unknown augment {self.augment!r}; expected one of {AUGMENTS}.")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"Unknown resize_mode {self.resize_mode!r}; expected one of "
+                             f"{RESIZE_MODES}.")
+        if self.output not in OUTPUTS:
+            raise ValueError(f"Unknown output {self.output!r}; expected one of {OUTPUTS}.")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(
                 f"mean and std need 3 values each, std > 0; got {self.mean}, {self.std}"
             )
 
-    def geometry(self, image: Image.Image, rng: np.random.Generator | None) -> np.ndarray:
-        """uint8 ``[crop, crop, 3]`` of an RGB image: resize + centre crop, or the augmentation."""
+    def geometry(self, image: Image.Image | LazyImage, rng: np.random.Generator | None
+                 ) -> np.ndarray:
+        """uint8 ``[crop, crop, 3]`` of an image (or :func:`open_image` handle): resize + centre
+        crop (or squash), or the augmentation. The random box is drawn from the source's size,
+        so a reduced (draft) decode crops the same region as a full one."""
+        opened = image.image if isinstance(image, LazyImage) else image
+        width, height = opened.size
+        resample = _resample(self.interpolation)
+        size = self.crop
         if rng is not None and self.augment == "random_resized_crop":
-            out = np.asarray(random_resized_crop(image, self.crop, rng, self.rrc_scale,
-                                                 self.rrc_ratio, self.interpolation))
+            top, left, h, w = random_resized_crop_box(height, width, rng, self.rrc_scale,
+                                                      self.rrc_ratio)
+            # the box, after a 1/s reduction, must still be >= crop on both sides
+            need = (math.ceil(width * size / w), math.ceil(height * size / h))
+            pil, f = draft_decode(image, need if self.draft else None)
+            box = (left, top, left + w, top + h)
+            if f != 1.0:
+                box = tuple(v * f for v in box)
+            out = np.asarray(pil.resize((size, size), resample=resample, box=box))
         else:
-            out = center_crop(np.asarray(resize_shorter(image, self.resize or self.crop,
-                                                        self.interpolation)), self.crop)
+            if self.resize_mode == "squash":
+                th, tw = size, size
+            else:
+                th, tw = shorter_side_size(height, width, self.resize or self.crop)
+            pil, f = draft_decode(image, (tw, th) if self.draft else None)
+            # a reduced decode covers the source's extent scaled by f (its last pixel row and
+            # column may stick out): resize exactly that extent, as the full image would be
+            box = None if f == 1.0 else (0.0, 0.0, width * f, height * f)
+            out = np.asarray(pil.resize((tw, th), resample=resample, box=box))
+            if self.resize_mode == "shorter_crop":
+                out = center_crop(out, size)
         if rng is not None and self.hflip and rng.random() < 0.5:
             out = out[:, ::-1]
-        return out
+        return np.ascontiguousarray(out)
 
     def __call__(
         self, value: Any, rng: np.random.Generator | None = None, *, base_dir: str | None = None
     ) -> np.ndarray:
         """Preprocess any :func:`decode_image` input. A float ``[crop, crop, 3]`` array with
-        nothing to augment (e.g. generated data already at its size) is only normalised."""
+        nothing to augment (generated data, already at its size) is only normalised, to
+        float32, whatever ``output`` (it has no uint8 form to keep)."""
         augments = rng is not None and (self.augment != "none" or self.hflip)
         if (isinstance(value, np.ndarray) and value.shape == (self.crop, self.crop, 3)
                 and np.issubdtype(value.dtype, np.floating) and not augments):
             return normalize(value, self.mean, self.std)
-        return normalize(self.geometry(decode_image(value, base_dir=base_dir), rng),
-                         self.mean, self.std)
+        out = self.geometry(open_image(value, base_dir=base_dir), rng)
+        return out if self.output == "uint8" else normalize(out, self.mean, self.std)

@@ -21,7 +21,14 @@ from typing import Any
 import ml_collections
 
 from jaxtrain.config import Rule
-from jaxtrain.data.images import AUGMENTS, CLIP_MEAN, CLIP_STD, INTERPOLATIONS, ImagePreprocess
+from jaxtrain.data.images import (
+    AUGMENTS,
+    CLIP_MEAN,
+    CLIP_STD,
+    INTERPOLATIONS,
+    RESIZE_MODES,
+    ImagePreprocess,
+)
 from jaxtrain.data.sanity import on_bad_row_rule
 from jaxtrain.data.shapes import NUM_COMBOS, CaptionTokenizer
 from jaxtrain.errors import ConfigError
@@ -48,6 +55,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     d.name = SHAPES
     d.split = "train"  # the training split
     d.eval_split = "validation"  # the eval split, if the dataset has it ('' = never look)
+    d.subset = ""  # the dataset config name (hub / local README configs / sub-folder)
     d.eval_fraction = 0.02  # no eval split: hold out this last fraction of `split` for eval
     d.train_examples = 50_000  # shapes: number of generated training examples
     d.eval_examples = NUM_COMBOS  # shapes: held-out examples, distinct combinations (<= 240)
@@ -63,6 +71,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     d.tokenizer = ""
     d.image_resize = 0  # eval/no augmentation: shorter side resized to this; 0 = image_crop
     d.image_crop = 0  # output side; 0 = the model's image size (must equal it)
+    # eval/no augmentation: 'shorter_crop' (resize the shorter side, centre crop: CLIP) |
+    # 'squash' (resize straight to image_crop x image_crop: SigLIP; image_resize unused)
+    d.image_resize_mode = "shorter_crop"
     d.image_mean = CLIP_MEAN  # per-channel mean of x / 255, subtracted
     d.image_std = CLIP_STD  # per-channel std, divided by
     d.image_interpolation = "bicubic"  # PIL filter: nearest|bilinear|bicubic|lanczos|box|hamming
@@ -96,6 +107,7 @@ def data_config_rules(prefix: str = "data.") -> list[Rule]:
         ("image_crop", lambda v: v >= 0, "must be >= 0 (0 = the model's image size)"),
         ("image_mean", lambda v: len(v) == 3, "must have 3 values (R, G, B)"),
         ("image_std", lambda v: len(v) == 3 and min(v) > 0, "must have 3 values > 0"),
+        ("image_resize_mode", lambda v: v in RESIZE_MODES, f"must be one of {RESIZE_MODES}"),
         ("image_interpolation", lambda v: v in INTERPOLATIONS,
          f"must be one of {tuple(INTERPOLATIONS)}"),
         ("augment", lambda v: v in AUGMENTS, f"must be one of {AUGMENTS}"),
@@ -163,8 +175,10 @@ def check_tokenizer(d: ml_collections.ConfigDict, text_max_len: int | None) -> N
 
 
 def image_preprocess(d: ml_collections.ConfigDict, image_size: int) -> ImagePreprocess:
-    """The image preprocessing (and training augmentation) ``data`` describes."""
+    """The image preprocessing (and training augmentation) ``data`` describes: uint8 crops,
+    normalised on device by the task (:func:`jaxtrain.tasks.clip.normalize_images`)."""
     return ImagePreprocess(
+        output="uint8",
         crop=d.image_crop or image_size,
         resize=d.image_resize,
         interpolation=d.image_interpolation,
@@ -174,6 +188,7 @@ def image_preprocess(d: ml_collections.ConfigDict, image_size: int) -> ImagePrep
         rrc_scale=tuple(d.rrc_scale),
         rrc_ratio=tuple(d.rrc_ratio),
         hflip=d.hflip,
+        resize_mode=d.image_resize_mode,
     )
 
 

@@ -2,9 +2,13 @@
 
 A row is a dict of numpy arrays:
 
-- ``"query"``, ``"positive"``: an image is float32 ``[S, S, 3]``, preprocessed (resized, cropped,
-  normalised with ``data.image_mean``/``image_std``); a text is int32 ``[T]`` token ids padded
-  (and truncated) to ``T = text_max_len`` with the tokenizer's pad id;
+- ``"query"``, ``"positive"``: an image is uint8 ``[S, S, 3]``, decoded, resized and cropped
+  (or augmented) but not normalised: the task normalises it with ``data.image_mean`` /
+  ``image_std`` on the accelerator, inside the jitted step
+  (:func:`jaxtrain.tasks.clip.normalize_images`), so batches cross the worker hop and the
+  host-to-device copy at a quarter of float32's size (generated float images, e.g. the shapes
+  data, stay float32, normalised here); a text is int32 ``[T]`` token ids padded (and
+  truncated) to ``T = text_max_len`` with the tokenizer's pad id;
 - ``"negatives"`` (only when ``num_negatives > 0``): ``[N, ...]`` of the positive's modality.
   In training a row with more negatives than needed uses a random subset (drawn from the seed
   and the row's stream position); eval uses the first ``num_negatives``.
@@ -16,7 +20,10 @@ the keys: :mod:`jaxtrain.data.pair_config`.
 Preprocessing and augmentation (:mod:`jaxtrain.data.images`)
 -------------------------------------------------------------
 Eval: resize the shorter side to ``image_resize`` (0 = the crop size) and centre-crop
-``image_crop`` (0 = the model's ``image_size``), exactly as ``CLIPImageProcessor``. Training
+``image_crop`` (0 = the model's ``image_size``), exactly as ``CLIPImageProcessor``; or, with
+``image_resize_mode='squash'``, resize straight to ``image_crop`` square, as
+``SiglipImageProcessor``. JPEGs >= 2x larger than needed are decoded at 1/2-1/8 scale (PIL
+``draft``). Training
 with ``augment="random_resized_crop"`` crops ``rrc_scale`` of the area instead (OpenCLIP:
 (0.9, 1.0)), plus a horizontal flip if ``hflip``. Augmentation randomness comes from
 ``(seed, position of the row in the global stream, field)``: a resumed run sees identical
@@ -53,7 +60,8 @@ from jaxtrain.data.pair_config import (
     image_preprocess,
     role_modalities,
 )
-from jaxtrain.data.pair_sources import PairRows, load_part, on_bad_row
+from jaxtrain.data.pair_parts import load_part
+from jaxtrain.data.pair_sources import PairRows, on_bad_row
 from jaxtrain.data.sanity import warn_once
 from jaxtrain.data.tokenizers import TextTokenizer
 
@@ -189,6 +197,8 @@ def build_rows(d: ml_collections.ConfigDict, *, which: str, mode: str, num_negat
     image = image_preprocess(d, image_size)
     part = load_part(d, which, mode=mode, num_negatives=num_negatives, image_size=image_size,
                      seed=seed)
+    if part.adapt_image is not None:  # e.g. prepared shards: images already cropped
+        image = part.adapt_image(image)
     rows = PairRows(part.examples, part.columns, rows=part.rows)
     preparer = RowPreparer(kinds=kinds, columns=part.columns, keys=keys,
                            num_negatives=num_negatives, image=image,

@@ -36,12 +36,13 @@ pair is always 1.0).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
 import numpy as np
 
+from jaxtrain.data.images import ImagePreprocess
 from jaxtrain.data.pair_checks import row_problems
 from jaxtrain.data.pair_config import (
     PAIR_MODES,
@@ -52,7 +53,15 @@ from jaxtrain.data.pair_config import (
 )
 from jaxtrain.data.sanity import MIN_EVAL_PAIRS, BadRows, check_eval_rows
 from jaxtrain.data.shapes import NUM_COMBOS, ShapesPairs
-from jaxtrain.data.sources import Builtin, Examples, Source, open_source, select, source_rows
+from jaxtrain.data.sources import (
+    Builtin,
+    Examples,
+    Source,
+    open_source,
+    read_spec,
+    select,
+    source_rows,
+)
 from jaxtrain.errors import ConfigError
 
 BUILTIN_SPLITS = ("train", "validation")  # the built-in data's train and held-out sets
@@ -70,7 +79,7 @@ def pair_source(d: ml_collections.ConfigDict, *, mode: str, num_negatives: int, 
         )
 
     return open_source(d.name, builtins={SHAPES: Builtin(SHAPES, shapes, BUILTIN_SPLITS)},
-                       on_bad_row=on_bad_row(d))
+                       on_bad_row=on_bad_row(d), subset=d.get("subset", ""))
 
 
 def on_bad_row(d: ml_collections.ConfigDict) -> str:
@@ -87,12 +96,16 @@ class Part:
     rows: np.ndarray  # each example's row in the source's split (for messages)
     base_dir: str | None  # relative image paths resolve against it
     where: str  # "'name' (split 'x')", for messages
+    # the run's image preprocessing -> the one for these examples (prepared shards hold
+    # images already resized and cropped: jaxtrain.data.prepared_pairs); None = the run's
+    adapt_image: Callable[[ImagePreprocess], ImagePreprocess] | None = None
 
 
 def load_part(d: ml_collections.ConfigDict, which: str, *, mode: str, num_negatives: int,
               image_size: int, seed: int) -> Part:
     """The training (``which="train"``) or eval part of ``data.name``, with the hold-out rule
-    (module docstring) and its columns checked against ``mode``."""
+    (module docstring) and its columns checked against ``mode``. (Prepared shards and
+    webdataset tars have their own readers: :mod:`jaxtrain.data.pair_parts` picks.)"""
     source = pair_source(d, mode=mode, num_negatives=num_negatives, image_size=image_size,
                          seed=seed)
     keys = column_keys(mode, num_negatives)
@@ -105,7 +118,7 @@ def load_part(d: ml_collections.ConfigDict, which: str, *, mode: str, num_negati
                             f"Raise data.eval_examples (up to {NUM_COMBOS})")
         return Part(examples, {role: role for role in keys}, np.arange(len(examples)), None,
                     where)
-    train = source.read(d.split)
+    train = read_spec(source, d.split)  # a split spec: 'train', 'train[:10%]', 'a+b'
     if train is None:
         raise ValueError(
             f"The dataset {d.name!r} has no split {d.split!r}; set data.split to one of its "
@@ -113,7 +126,7 @@ def load_part(d: ml_collections.ConfigDict, which: str, *, mode: str, num_negati
         )
     held_out = False
     if d.eval_split:
-        evals = train if d.eval_split == d.split else source.read(d.eval_split)
+        evals = train if d.eval_split == d.split else read_spec(source, d.eval_split)
     else:
         evals = None
     if evals is None:

@@ -60,6 +60,9 @@ def train_iterator(
     if transform is not None:
         ds = ds.map_with_index(transform)
     if workers > 0:
+        from jaxtrain.data.spawn import check_spawn_safe
+
+        check_spawn_safe(f"data.workers={workers}")  # an unguarded script: an error, not a hang
         if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags (not under app.run)
             flags.FLAGS.mark_as_parsed()
         per_worker = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)

@@ -257,12 +257,55 @@ def preference_rows(
     ``max_prompt_length`` tokens, responses their first ones (module docstring). Pairs are kept
     in order; those left with an empty response are dropped and counted in the log.
     """
+    rows = list(examples)
+    out, kept, (prompts_truncated, responses_truncated, dropped, retokenized) = _pair_arrays(
+        rows, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
+    logging.info(
+        "Preference rows: %d pairs, %d prompts truncated to %d tokens, %d responses truncated "
+        "to max_length + 1 = %d tokens with the prompt, %d pairs dropped (a response left "
+        "empty), %d responses tokenized apart from their prompt", len(rows), prompts_truncated,
+        max_prompt_length, responses_truncated, max_length + 1, dropped, retokenized,
+    )
+    if not kept:
+        raise ValueError(
+            f"No preference pair is left ({len(rows)} rows, {dropped} dropped because a response "
+            f"had no token within max_length + 1 = {max_length + 1} tokens after the prompt): "
+            "use a larger max_length or a smaller max_prompt_length."
+        )
+    ref = _ref_logps(rows)
+    if ref is not None:
+        out.update({k: v[kept] for k, v in ref.items()})
+    return out
+
+
+def preference_row(example: Mapping[str, Any], tokenizer: Any, *, max_length: int,
+                   max_prompt_length: int, index: int = 0) -> dict[str, np.ndarray] | None:
+    """The arrays of one pair exactly as :func:`preference_rows` makes its row (each
+    ``[max_length]``, plus scalar ``ref_chosen_logps`` / ``ref_rejected_logps`` when the row has
+    both), or None when the pair is dropped (a response left empty); for streamed data.
+    ``index`` (the row's position) is only used in error messages."""
+    out, kept, _ = _pair_arrays([example], tokenizer, max_length=max_length,
+                                max_prompt_length=max_prompt_length, first_index=index)
+    if not kept:
+        return None
+    row = {k: v[0] for k, v in out.items()}
+    ref = _ref_logps([example])
+    if ref is not None:
+        row.update({k: v[0] for k, v in ref.items()})
+    return row
+
+
+def _pair_arrays(rows: list[Mapping[str, Any]], tokenizer: Any, *, max_length: int,
+                 max_prompt_length: int, first_index: int = 0
+                 ) -> tuple[dict[str, np.ndarray], list[int], tuple[int, int, int, int]]:
+    """(the side arrays of the kept pairs, the kept rows' indices in ``rows``, (prompts
+    truncated, responses truncated, pairs dropped, responses retokenized)) of
+    :func:`preference_rows`."""
     if max_length < 1 or max_prompt_length < 1:
         raise ValueError(f"max_length and max_prompt_length must be positive, got {max_length} "
                          f"and {max_prompt_length}.")
-    rows = list(examples)
     prompt_texts, full_texts, response_texts = [], [], []
-    for i, example in enumerate(rows):
+    for i, example in enumerate(rows, start=first_index):
         pair = to_preference(example, i)
         prompt_text, texts = render_preference(
             pair["prompt"], [pair[s] for s in SIDES], tokenizer, i)
@@ -276,8 +319,9 @@ def preference_rows(
     prompts_truncated = responses_truncated = dropped = retokenized = 0
     for i, prompt in enumerate(prompt_ids):
         if not prompt:
-            raise ValueError(f"Preference row {i}: the prompt renders to no tokens, so the first "
-                             "response token has no input to be predicted from.")
+            raise ValueError(f"Preference row {i + first_index}: the prompt renders to no "
+                             "tokens, so the first response token has no input to be predicted "
+                             "from.")
         prompts_truncated += len(prompt) > max_prompt_length
         prompt = prompt[-max_prompt_length:]
         budget = max_length + 1 - len(prompt)
@@ -296,18 +340,6 @@ def preference_rows(
             continue
         pairs.append((prompt, responses))
         kept.append(i)
-    logging.info(
-        "Preference rows: %d pairs, %d prompts truncated to %d tokens, %d responses truncated "
-        "to max_length + 1 = %d tokens with the prompt, %d pairs dropped (a response left "
-        "empty), %d responses tokenized apart from their prompt", len(rows), prompts_truncated,
-        max_prompt_length, responses_truncated, max_length + 1, dropped, retokenized,
-    )
-    if not pairs:
-        raise ValueError(
-            f"No preference pair is left ({len(rows)} rows, {dropped} dropped because a response "
-            f"had no token within max_length + 1 = {max_length + 1} tokens after the prompt): "
-            "use a larger max_length or a smaller max_prompt_length."
-        )
 
     out = {f"{s}_{k}": np.zeros((len(pairs), max_length), dtype)
            for s in SIDES for k, dtype in ARRAY_SUFFIXES.items()}
@@ -323,10 +355,7 @@ def preference_rows(
             out[f"{s}_loss_mask"][r, len(prompt) - 1 : n] = 1.0
             out[f"{s}_positions"][r, :n] = np.arange(n)
             out[f"{s}_segment_ids"][r, :n] = 1
-    ref = _ref_logps(rows)
-    if ref is not None:
-        out.update({k: v[kept] for k, v in ref.items()})
-    return out
+    return out, kept, (prompts_truncated, responses_truncated, dropped, retokenized)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,11 +413,12 @@ def builtin_preference_examples(n: int, seed: int) -> list[dict[str, list[dict[s
 
 def load_preference_examples(
     source: str, *, split: str = "train", n: int | None = None, seed: int = 0,
-    on_bad_row: str = "error",
+    on_bad_row: str = "error", subset: str = "",
 ) -> list[dict[str, Any]]:
     """Preference rows of ``source`` (:mod:`jaxtrain.data.sources`): ``"builtin"``, a local file
     or directory (an undivided one split as :func:`jaxtrain.data.sources.split_examples` says),
-    or a hub dataset.
+    or a hub dataset; ``split`` is a split spec (``train_prefs``, ``train[:1%]``), ``subset`` the
+    dataset config (:mod:`jaxtrain.data.sources`).
 
     ``n`` caps the number of rows (for ``"builtin"`` it is the number generated, by default
     2000 for train and 200 for validation). Rows are returned as dicts for
@@ -402,6 +432,6 @@ def load_preference_examples(
 
     builtin = Builtin(BUILTIN_PREFERENCE, generate, tuple(BUILTIN_PREFERENCE_SIZES))
     examples, rows = read_rows(source, split, builtins={BUILTIN_PREFERENCE: builtin}, n=n,
-                               on_bad_row=on_bad_row)
+                               on_bad_row=on_bad_row, subset=subset)
     return BadRows(on_bad_row, f"{source!r} (split {split!r})").keep(
         examples, rows, to_preference)

@@ -15,7 +15,9 @@ Every document is tokenized as ``tokens + [eos]``. Inside a document, ``inputs =
 and ``targets = doc[1:]``, so the eos is the target of the document's last real token and the
 model learns where documents end. Padding has inputs 0, targets 0, loss_mask 0 and segment 0.
 Functions that build many rows return a dict of ``[num_rows, seq_len]`` arrays;
-:class:`TokenRows` serves it row by row to ``jaxtrain.data.pipeline``.
+:class:`TokenRows` serves it row by row to ``jaxtrain.data.pipeline``;
+:mod:`jaxtrain.data.token_store` serves the same rows lazily, by index, from a corpus tokenized
+once to disk (the LM task's default for text data).
 
 Two ways to cut documents into rows (``pretrain_rows(..., mode=...)``):
 
@@ -150,8 +152,10 @@ def load_documents(
     text_field: str = "text",
     max_documents: int | None = None,
     on_bad_row: str = "error",
+    subset: str = "",
 ) -> list[str]:
-    """The text documents of ``source``: ``"shakespeare"``, a local path, or a hub dataset.
+    """The text documents of ``source``: ``"shakespeare"``, a local path, or a hub dataset
+    (``split``: a split spec, ``subset``: the dataset config; :mod:`jaxtrain.data.sources`).
 
     Rows whose text is None or empty are skipped; at most ``max_documents`` rows are read. A
     row whose text is not a string (or an unparseable line of a local file) is bad: an error
@@ -160,7 +164,8 @@ def load_documents(
     builtin = Builtin(BUILTIN_TEXT, lambda s: [{text_field: d} for d in shakespeare_documents(s)],
                       SPLITS)
     examples, rows = split_rows(
-        open_source(source, builtins={BUILTIN_TEXT: builtin}, on_bad_row=on_bad_row), split)
+        open_source(source, builtins={BUILTIN_TEXT: builtin}, on_bad_row=on_bad_row,
+                    subset=subset), split)
     if text_field not in column_names(examples):
         raise ValueError(
             f"The text field {text_field!r} is not a column of {source!r} (split {split!r}); "
@@ -233,7 +238,7 @@ def _concat_rows(tokens: np.ndarray, lengths: np.ndarray, seq_len: int) -> dict[
     }
 
 
-def _first_fit_decreasing(sizes: np.ndarray, capacity: int) -> tuple[np.ndarray, ...]:
+def first_fit_decreasing(sizes: np.ndarray, capacity: int) -> tuple[np.ndarray, ...]:
     """First-fit-decreasing bin packing: (bin, offset in bin, slot in bin, number of bins).
 
     Items are taken largest first (ties in input order) and each goes to the lowest-numbered bin
@@ -271,6 +276,9 @@ def _first_fit_decreasing(sizes: np.ndarray, capacity: int) -> tuple[np.ndarray,
     return bins, offsets, slots, num_full + num_bins
 
 
+_first_fit_decreasing = first_fit_decreasing  # the name tests/test_text_data.py uses
+
+
 def _place_rows(
     tokens: np.ndarray,
     starts: np.ndarray,
@@ -299,7 +307,8 @@ def _place_rows(
     return {k: v.reshape(num_rows, seq_len) for k, v in rows.items()}
 
 
-def _check_pieces(lengths: np.ndarray, seq_len: int) -> None:
+def check_pieces(lengths: np.ndarray, seq_len: int) -> None:
+    """Error unless there are pieces and each has 2 to ``seq_len + 1`` tokens."""
     if len(lengths) == 0:
         raise ValueError("There is nothing to pack: no piece has two or more tokens.")
     if lengths.min() < 2 or lengths.max() > seq_len + 1:
@@ -317,9 +326,9 @@ def _pack_flat(
     seq_len: int,
     packing: bool = True,
 ) -> dict[str, np.ndarray]:
-    _check_pieces(lengths, seq_len)
+    check_pieces(lengths, seq_len)
     if packing:
-        bins, offsets, slots, num_rows = _first_fit_decreasing(lengths - 1, seq_len)
+        bins, offsets, slots, num_rows = first_fit_decreasing(lengths - 1, seq_len)
     else:
         n = len(lengths)
         bins, offsets, slots, num_rows = np.arange(n), np.zeros(n, int), np.zeros(n, int), n
@@ -375,15 +384,20 @@ def pretrain_rows(
         raise ValueError("The documents are all empty: there is nothing to train on.")
     if mode == "concat":
         return _concat_rows(tokens, lengths, seq_len)
-    # Pieces of at most seq_len + 1 tokens, overlapping by one, every document cut at stride
-    # seq_len: a document of L tokens has ceil((L - 1) / seq_len) pieces.
+    starts, piece_lengths = document_pieces(np.cumsum(lengths) - lengths, lengths, seq_len)
+    return _pack_flat(tokens, starts, piece_lengths, None, seq_len)
+
+
+def document_pieces(doc_starts: np.ndarray, lengths: np.ndarray,
+                    seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(stream start, length) of the pieces ``"pack"`` cuts documents into: pieces of at most
+    ``seq_len + 1`` tokens, overlapping by one, every document (of ``lengths[d]`` tokens from
+    ``doc_starts[d]``) cut at stride ``seq_len``: ``ceil((L - 1) / seq_len)`` pieces each."""
     per_doc = -(-(lengths - 1) // seq_len)
     doc = np.repeat(np.arange(len(lengths)), per_doc)
     k = np.arange(int(per_doc.sum())) - np.repeat(np.cumsum(per_doc) - per_doc, per_doc)
-    doc_start = np.cumsum(lengths) - lengths
-    starts = doc_start[doc] + k * seq_len
-    piece_lengths = np.minimum(seq_len + 1, lengths[doc] - k * seq_len)
-    return _pack_flat(tokens, starts, piece_lengths, None, seq_len)
+    starts = doc_starts[doc] + k * seq_len
+    return starts, np.minimum(seq_len + 1, lengths[doc] - k * seq_len)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,6 +439,10 @@ class TokenRows(Sequence):
     def num_loss_tokens(self) -> int:
         """Number of targets that count in the loss."""
         return int(self.arrays["loss_mask"].sum())
+
+    def head(self, n: int) -> TokenRows:
+        """The first ``n`` rows (all when there are fewer)."""
+        return TokenRows({k: v[:n] for k, v in self.arrays.items()})
 
     def __repr__(self) -> str:
         return f"TokenRows(num_rows={self.num_rows}, seq_len={self.seq_len})"

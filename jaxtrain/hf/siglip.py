@@ -42,9 +42,8 @@ every text to ``max_position_embeddings`` with its pad id), so ``pad_token_id`` 
 
 Image preprocessing (``SiglipImageProcessor``): resize to ``size.height x size.width`` (no
 aspect-preserving resize, no crop), rescale by 1/255, normalise with mean = std = 0.5 by default.
-jaxtrain's data side resizes the shorter side then centre-crops; with ``image_resize =
-image_crop = size`` that is the same for square images (the only ones SigLIP saw at that size),
-and a centre crop instead of a squash for other aspect ratios.
+jaxtrain's data side does the same with ``data.image_resize_mode = 'squash'``, which
+:func:`data_settings` sets (the default ``'shorter_crop'`` would centre-crop non-square images).
 
 Example::
 
@@ -413,8 +412,8 @@ def _size(file: str, value: Any) -> int:
 
 def image_preprocessing_from_hf(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The image preprocessing of a ``SiglipImageProcessor`` ``preprocessor_config.json`` in
-    ``path`` as jaxtrain data keys: ``image_resize`` = ``image_crop`` = the square size (see the
-    module docstring: a centre crop stands in for the squash of non-square images),
+    ``path`` as jaxtrain data keys: ``image_resize`` = ``image_crop`` = the square size,
+    ``image_resize_mode`` = ``'squash'`` (resize straight to the square, no crop),
     ``image_mean`` / ``image_std`` (default 0.5; ``do_normalize: false`` gives 0 / 1),
     ``image_interpolation`` (default bicubic). ``ValueError`` for what jaxtrain cannot do."""
     file = os.path.join(os.fspath(path), PREPROCESSOR)
@@ -450,23 +449,27 @@ def image_preprocessing_from_hf(path: str | os.PathLike[str]) -> dict[str, Any]:
         "image_std": (_channels(file, "image_std", hf.get("image_std", SIGLIP_STD))
                       if normalize else [1.0] * 3),
         "image_interpolation": interpolation,
+        "image_resize_mode": "squash",
     }
 
 
 def image_preprocessing_to_hf(prep: Mapping[str, Any]) -> dict[str, Any]:
     """The ``SiglipImageProcessor`` ``preprocessor_config.json`` dict of a preprocessing dict
-    (the keys of :func:`image_preprocessing_from_hf`). A ``ValueError`` when it resizes the
-    shorter side to more than it crops: SigLIP's processor resizes to the square, no crop."""
+    (the keys of :func:`image_preprocessing_from_hf`; ``image_resize_mode`` optional). A
+    ``ValueError`` when it resizes the shorter side to more than it crops (``shorter_crop``):
+    SigLIP's processor resizes to the square, no crop; with ``squash`` that is what it does."""
     keys = ("image_resize", "image_crop", "image_mean", "image_std", "image_interpolation")
     missing = [k for k in keys if k not in prep]
     if missing:
         raise ValueError(f"image_preprocessing lacks {missing} (keys: {list(keys)})")
     crop = int(prep["image_crop"])
-    if prep["image_resize"] not in (0, crop):
+    if prep.get("image_resize_mode", "shorter_crop") != "squash" and \
+            prep["image_resize"] not in (0, crop):
         raise ValueError(
             f"image_preprocessing resizes the shorter side to {prep['image_resize']} then crops "
             f"{crop}: SiglipImageProcessor resizes to {crop}x{crop} with no crop, so it would "
-            f"see other pixels. Train with data.image_resize = 0 or {crop}.")
+            f"see other pixels. Train with data.image_resize_mode = 'squash' (SigLIP's), or "
+            f"data.image_resize = 0 or {crop}.")
     codes = {v: k for k, v in PIL_RESAMPLE.items()}
     if prep["image_interpolation"] not in codes:
         raise ValueError(f"image_preprocessing['image_interpolation']="
@@ -490,13 +493,15 @@ def data_settings(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``config.data`` settings the directory implies: ``tokenizer`` (the directory itself)
     when it holds tokenizer files, and the image preprocessing of its
     ``preprocessor_config.json`` (:func:`image_preprocessing_from_hf`) when it has one; without
-    one, SigLIP's default mean = std = 0.5 (``SiglipImageProcessor``'s)."""
+    one, SigLIP's default mean = std = 0.5 (``SiglipImageProcessor``'s). Either way
+    ``image_resize_mode = 'squash'``, as SigLIP's processor resizes."""
     path = os.fspath(path)
     out: dict[str, Any] = {"tokenizer": path} if has_tokenizer_files(path) else {}
     if os.path.isfile(os.path.join(path, PREPROCESSOR)):
         out.update(image_preprocessing_from_hf(path))
     else:
-        out.update(image_mean=list(SIGLIP_MEAN), image_std=list(SIGLIP_STD))
+        out.update(image_mean=list(SIGLIP_MEAN), image_std=list(SIGLIP_STD),
+                   image_resize_mode="squash")
     return out
 
 

@@ -59,12 +59,17 @@ class DPOTask(Task):
         c.data = ml_collections.ConfigDict(dict(
             source="builtin",  # built-in arithmetic pairs | local json/jsonl/parquet/arrow | hub
             eval_source="",  # a separate eval set (all of it); default: the validation split
+            split="train",  # the training split spec: 'train_prefs', 'train[:10%]', 'a+b'
+            eval_split="",  # the held-out split spec; '' = 'validation' (undivided: every 50th)
+            subset="",  # the dataset config name (hub / local README configs / sub-folder)
             tokenizer="gpt2",
             max_length=64,  # prompt + response tokens
             max_prompt_length=48,  # longer prompts keep their end
             max_documents=0,  # use at most this many pairs (0 = all)
             train_examples=2000,  # built-in sizes
             eval_examples=200,
+            eval_rows=256,  # evaluate on at most this many held-out pairs (0 = all)
+            streaming=False,  # read and tokenise the pairs as training consumes them
             cache_dir="",
             on_bad_row="error",  # a bad row: 'error' (names file and row) | 'skip' (dropped)
         ))
@@ -91,6 +96,7 @@ class DPOTask(Task):
              "must be 'model', 'precomputed' or 'none'"),
             ("data.max_length", lambda v: v > 1, "must be > 1"),
             ("data.max_prompt_length", lambda v: v >= 1, "must be >= 1"),
+            ("data.eval_rows", lambda v: v >= 0, "must be >= 0 (0 = all)"),
             on_bad_row_rule(),
         ]
 
@@ -206,7 +212,7 @@ class DPOTask(Task):
 
     def _rows(self, split: str, source: str = "") -> dict[str, np.ndarray]:
         from jaxtrain.data import preference, text
-        from jaxtrain.data.sources import split_source
+        from jaxtrain.data.sources import split_source, subset_of
 
         d = self.config.data
         source, split_name = (source, "all") if source else split_source(d, split)
@@ -215,7 +221,8 @@ class DPOTask(Task):
             limit = d.train_examples if split == "train" else d.eval_examples
         examples = preference.load_preference_examples(source, split=split_name, n=limit,
                                                        seed=self.config.seed,
-                                                       on_bad_row=d.get("on_bad_row", "error"))
+                                                       on_bad_row=d.get("on_bad_row", "error"),
+                                                       subset=subset_of(d, source))
         tok = self.tokenizer
         precompute = self.config.dpo.reference == "precomputed"
 
@@ -266,6 +273,13 @@ class DPOTask(Task):
     def train_iterator(self, *, seed, batch_size, process_index, process_count):
         from jaxtrain.data import pipeline
 
+        if self.config.data.streaming:  # read and tokenised as consumed
+            from jaxtrain.data import streaming_chat
+
+            return streaming_chat.preference_train_iterator(
+                self.config.data, self.tokenizer, batch_size=batch_size,
+                process_index=process_index, process_count=process_count, seed=self.config.seed,
+                reference_logps=self.config.dpo.reference == "precomputed")
         rows = self._rows("train")
         logging.info("DPO train data: %d pairs x %d tokens.", len(rows["chosen_inputs"]),
                      self.config.data.max_length)
@@ -273,11 +287,22 @@ class DPOTask(Task):
                                        process_index=process_index, process_count=process_count)
 
     def heldout_batches(self, *, batch_size, process_index, process_count, source=""):
-        """The held-out preference pairs, or all pairs of `source`."""
+        """The held-out preference pairs (at most `data.eval_rows` of them), or all pairs of
+        `source`; streamed (`data.streaming`): only those are read."""
         from jaxtrain.data import pipeline
 
-        return pipeline.eval_batches(pipeline.ArrayRows(self._rows("validation", source)),
-                                     batch_size=batch_size,
+        d = self.config.data
+        if d.streaming:
+            from jaxtrain.data import streaming_chat
+
+            rows = streaming_chat.preference_heldout_rows(
+                d, self.tokenizer, "validation", source, self.config.seed,
+                reference_logps=self.config.dpo.reference == "precomputed")
+        else:
+            rows = self._rows("validation", source)
+            if d.eval_rows:
+                rows = {k: v[: d.eval_rows] for k, v in rows.items()}
+        return pipeline.eval_batches(pipeline.ArrayRows(rows), batch_size=batch_size,
                                      process_index=process_index, process_count=process_count)
 
     def heldout_prompts(self, *, source: str = "", max_examples: int = 0,
@@ -289,7 +314,7 @@ class DPOTask(Task):
         answer as the reference; at most `max_examples` (0 = all). `continuation_tokens` is
         not used: the answer has the rest of ``data.max_length``."""
         from jaxtrain.data import preference
-        from jaxtrain.data.sources import split_source
+        from jaxtrain.data.sources import split_source, subset_of
         from jaxtrain.generate import heldout
 
         d = self.config.data
@@ -298,7 +323,7 @@ class DPOTask(Task):
             (d.max_documents or None)
         examples = preference.load_preference_examples(
             source, split=split_name, n=limit, seed=self.config.seed,
-            on_bad_row=d.get("on_bad_row", "error"))
+            on_bad_row=d.get("on_bad_row", "error"), subset=subset_of(d, source))
         return heldout.preference_prompts(examples, self.tokenizer,
                                           max_prompt_tokens=d.max_prompt_length,
                                           max_examples=max_examples)

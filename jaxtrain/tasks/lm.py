@@ -98,6 +98,10 @@ class LMTask(Task):
             kind="text",  # 'text' (pretraining) | 'chat' (SFT) | 'synthetic' (random tokens)
             source="shakespeare",  # built-in | local json/jsonl/parquet/arrow/txt | hub name
             eval_source="",  # a separate eval set (all of it); default: the validation split
+            split="train",  # the training split spec: 'train_sft', 'train[:10%]', 'a+b'
+            eval_split="",  # the held-out split spec; '' = 'validation' (undivided: every 50th)
+            subset="",  # the dataset config name, e.g. C4's 'en' (hub / local)
+            streaming=False,  # text, chat: read and tokenise the source as training consumes it
             text_field="text",  # text: the documents' column
             text_fields="",  # chat: comma-separated fields joined into one exchange
             tokenizer="gpt2",  # built-in GPT-2 BPE, or a local / hub tokenizer
@@ -110,6 +114,8 @@ class LMTask(Task):
             eval_rows=256,  # evaluate on at most this many rows (0 = all)
             curriculum="",  # e.g. '32:100,64:200'
             cache_dir="",  # tokenized rows cache (default ~/.cache/jaxtrain/rows)
+            token_store="",  # text: '' = token store under the cache dir | DIR | 'memory'
+            tokenize_workers=0,  # text: processes that build a token store (0 = in process)
             on_bad_row="error",  # a bad row: 'error' (names file and row) | 'skip' (dropped)
         ))
         c.loss = ml_collections.ConfigDict(dict(
@@ -250,14 +256,15 @@ class LMTask(Task):
                                    d.seq_len, self.model_config.vocab_size,
                                    seed=self.config.seed + (split != "train"))
         from jaxtrain.data import text
-        from jaxtrain.data.sources import split_source
+        from jaxtrain.data.sources import split_source, subset_of
 
         source, split_name = (source, "all") if source else split_source(d, split)
+        subset = subset_of(d, source)
         tok = self.tokenizer
         limit = d.max_documents or None
         if d.kind == "text":
             docs = text.load_documents(source, split=split_name, text_field=d.text_field,
-                                       max_documents=limit,
+                                       max_documents=limit, subset=subset,
                                        on_bad_row=d.get("on_bad_row", "error"))
             build = lambda: text.pretrain_rows(docs, tok, seq_len=d.seq_len, mode=d.mode)  # noqa: E731
             key = text.rows_cache_key(source=source, split=split, tokenizer_name=d.tokenizer,
@@ -271,7 +278,8 @@ class LMTask(Task):
             fields = [f.strip() for f in d.text_fields.split(",") if f.strip()] or None
             examples = chat.load_chat_examples(source, split=split_name, n=limit,
                                                seed=self.config.seed, text_fields=fields,
-                                               on_bad_row=d.get("on_bad_row", "error"))
+                                               on_bad_row=d.get("on_bad_row", "error"),
+                                               subset=subset)
             build = lambda: chat.sft_rows(examples, tok, seq_len=d.seq_len,  # noqa: E731
                                           packing=d.packing, text_fields=fields)
             key = text.rows_cache_key(
@@ -294,13 +302,24 @@ class LMTask(Task):
 
     def train_iterator(self, *, seed, batch_size, process_index, process_count):
         from jaxtrain.data import pipeline
-        from jaxtrain.data.text import TokenRows
 
-        rows = self._rows("train")
-        logging.info("LM train data: %d rows x %d tokens (%d loss tokens).", len(rows["inputs"]),
-                     self.config.data.seq_len, int(rows["loss_mask"].sum()))
+        if self.config.data.get("streaming", False):  # tokenised and packed as consumed
+            from jaxtrain.data import streaming, streaming_chat
+
+            transform = curriculum_transform(self.stages) if self.stages else None
+            if self.config.data.kind == "chat":
+                return streaming_chat.chat_train_iterator(
+                    self.config.data, self.tokenizer, batch_size=batch_size,
+                    process_index=process_index, process_count=process_count,
+                    seed=self.config.seed, transform=transform)
+            return streaming.text_train_iterator(
+                self.config.data, self.tokenizer, batch_size=batch_size,
+                process_index=process_index, process_count=process_count, transform=transform)
+        rows = self._row_source("train")
+        logging.info("LM train data: %d rows x %d tokens (%d loss tokens).", len(rows),
+                     self.config.data.seq_len, rows.num_loss_tokens)
         return pipeline.train_iterator(
-            TokenRows(rows), batch_size=batch_size, seed=seed, process_index=process_index,
+            rows, batch_size=batch_size, seed=seed, process_index=process_index,
             process_count=process_count,
             transform=curriculum_transform(self.stages) if self.stages else None,
         )
@@ -308,13 +327,42 @@ class LMTask(Task):
     def heldout_batches(self, *, batch_size, process_index, process_count, source=""):
         """The held-out rows (at most `data.eval_rows` of them), or all rows of `source`."""
         from jaxtrain.data import pipeline
+
+        rows = self._row_source("validation", source)
+        if self.config.data.eval_rows:
+            rows = rows.head(self.config.data.eval_rows)
+        return pipeline.eval_batches(rows, batch_size=batch_size,
+                                     process_index=process_index, process_count=process_count)
+
+    def _row_source(self, split: str, source: str = ""):
+        """Random-access rows of `split` (``len``, ``[i]``, ``head(n)``, ``num_loss_tokens``):
+        text read lazily from a token store (``data.token_store``,
+        :mod:`jaxtrain.data.token_store`; the same rows as in memory), else built in memory."""
         from jaxtrain.data.text import TokenRows
 
-        rows = self._rows("validation", source)
-        if self.config.data.eval_rows:
-            rows = {k: v[: self.config.data.eval_rows] for k, v in rows.items()}
-        return pipeline.eval_batches(TokenRows(rows), batch_size=batch_size,
-                                     process_index=process_index, process_count=process_count)
+        d = self.config.data
+        if d.get("streaming", False):
+            from jaxtrain.data import streaming, streaming_chat
+
+            if d.kind == "chat":
+                return TokenRows(streaming_chat.chat_heldout_rows(d, self.tokenizer, split,
+                                                                  source, self.config.seed))
+            return TokenRows(streaming.text_heldout_rows(d, self.tokenizer, split, source))
+        if d.kind != "text" or d.get("token_store", "") == "memory":
+            return TokenRows(self._rows(split, source))
+        from jaxtrain.data import token_store
+        from jaxtrain.data.sources import split_source
+
+        store = token_store.open_store(d, self.tokenizer, split, source)
+        rows = token_store.store_rows(store, d.seq_len, d.mode)
+        if split != "train":
+            name, split_name = (source, "all") if source else split_source(d, split)
+            check_eval_rows(
+                f"{name!r} (split {split_name!r})", len(rows), MIN_EVAL_LM_ROWS, "token row",
+                "For a meaningful eval: set data.eval_source (a separate file, read whole) or "
+                "evals.<name>.source to a larger set, or use more data in data.source (a "
+                "local source without splits holds out every 50th row)")
+        return rows
 
     def token_nll(self, params, batch):
         """Per row: summed next-token NLL over the loss-masked tokens (``nll``) and their
@@ -338,7 +386,7 @@ class LMTask(Task):
           ``data.seq_len``), decoded, its reference.
         """
         from jaxtrain.data import chat, text
-        from jaxtrain.data.sources import split_source
+        from jaxtrain.data.sources import split_source, subset_of
         from jaxtrain.generate import heldout
 
         d = self.config.data
@@ -348,10 +396,11 @@ class LMTask(Task):
                               "chat data, or remove it.")
         source, split_name = (source, "all") if source else split_source(d, "validation")
         on_bad_row = d.get("on_bad_row", "error")
+        subset = subset_of(d, source)
         if d.kind == "text":
             docs = text.load_documents(source, split=split_name, text_field=d.text_field,
                                        max_documents=d.max_documents or None,
-                                       on_bad_row=on_bad_row)
+                                       on_bad_row=on_bad_row, subset=subset)
             prompt = max(1, d.seq_len // 2)
             return heldout.text_prompts(
                 docs, self.tokenizer, prompt_tokens=prompt, max_examples=max_examples,
@@ -360,7 +409,7 @@ class LMTask(Task):
         fields = [f.strip() for f in d.text_fields.split(",") if f.strip()] or None
         examples = chat.load_chat_examples(source, split=split_name, n=limit,
                                            seed=self.config.seed, text_fields=fields,
-                                           on_bad_row=on_bad_row)
+                                           on_bad_row=on_bad_row, subset=subset)
         return heldout.chat_prompts(examples, self.tokenizer, text_fields=fields,
                                     max_prompt_tokens=max(1, d.seq_len - continuation_tokens),
                                     max_examples=max_examples)
