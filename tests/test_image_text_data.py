@@ -33,6 +33,7 @@ from jaxtrain.data.shapes import (
     differing_attributes,
     neighbour_combos,
 )
+from tests.pair_helpers import assert_same_batches, take
 
 S, T = 16, 16  # model image size and text length in these tests
 GPT2_PAD = 50256
@@ -61,18 +62,6 @@ def _zs(**overrides):
     for k, v in overrides.items():
         z[k] = v
     return z
-
-
-def _take(it, n):
-    return [next(it) for _ in range(n)]
-
-
-def _same(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert set(x) == set(y)
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 def _parse(caption: str) -> Combo:
@@ -257,28 +246,28 @@ def test_resume_host_split_and_augmentation():
     d = _cfg(train_examples=24, augment="random_resized_crop", rrc_scale=(0.5, 1.0))
     kw = dict(mode="i2t", num_negatives=1, image_size=S, text_max_len=T, seed=5)
     it = pair_rows.train_iterator(d, batch_size=4, **kw)
-    _take(it, 7)  # past the first epoch (6 batches)
+    take(it, 7)  # past the first epoch (6 batches)
     state = it.get_state()
-    expected = _take(it, 4)
+    expected = take(it, 4)
     fresh = pair_rows.train_iterator(d, batch_size=4, **kw)
     fresh.set_state(json.loads(json.dumps(state)))
-    _same(_take(fresh, 4), expected)
+    assert_same_batches(take(fresh, 4), expected)
     # Two hosts read the two halves of the same global batches, augmentation included.
-    one = _take(pair_rows.train_iterator(d, batch_size=8, **kw), 4)
-    halves = [_take(pair_rows.train_iterator(d, batch_size=4, process_index=h, process_count=2,
+    one = take(pair_rows.train_iterator(d, batch_size=8, **kw), 4)
+    halves = [take(pair_rows.train_iterator(d, batch_size=4, process_index=h, process_count=2,
                                              **kw), 4) for h in range(2)]
     for b, x, y in zip(one, *halves, strict=True):
         for k in b:
             np.testing.assert_array_equal(b[k], np.concatenate([x[k], y[k]]))
     # Augmentation differs across epochs: the same example is cropped differently.
-    epochs = _take(pair_rows.train_iterator(d, batch_size=4, **kw), 12)
+    epochs = take(pair_rows.train_iterator(d, batch_size=4, **kw), 12)
     by_text = {}
     for b in epochs:
         for image, text in zip(b["query"], b["positive"], strict=True):
             by_text.setdefault(text.tobytes(), []).append(image)
     seen_twice = [v for v in by_text.values() if len(v) == 2]
     assert seen_twice and all(not np.array_equal(a, b) for a, b in seen_twice)
-    plain = _take(pair_rows.train_iterator(_cfg(train_examples=24), batch_size=4, **kw), 1)[0]
+    plain = take(pair_rows.train_iterator(_cfg(train_examples=24), batch_size=4, **kw), 1)[0]
     np.testing.assert_array_equal(plain["positive"], epochs[0]["positive"])  # same order
     assert not np.array_equal(plain["query"], epochs[0]["query"])
 
@@ -286,18 +275,18 @@ def test_resume_host_split_and_augmentation():
 def test_resume_with_worker_processes():
     d = _cfg(train_examples=20, augment="random_resized_crop", workers=2)
     kw = dict(mode="t2i", num_negatives=1, image_size=S, text_max_len=T, seed=1, batch_size=4)
-    reference = _take(pair_rows.train_iterator(_cfg(train_examples=20,
+    reference = take(pair_rows.train_iterator(_cfg(train_examples=20,
                                                 augment="random_resized_crop"), **kw), 6)
     it = pair_rows.train_iterator(d, **kw)
     try:
-        _same(_take(it, 3), reference[:3])
+        assert_same_batches(take(it, 3), reference[:3])
         state = json.loads(json.dumps(it.get_state()))
     finally:
         it.close()
     fresh = pair_rows.train_iterator(d, **kw)
     try:
         fresh.set_state(state)
-        _same(_take(fresh, 3), reference[3:])
+        assert_same_batches(take(fresh, 3), reference[3:])
     finally:
         fresh.close()
 
@@ -438,7 +427,7 @@ def test_t2t_with_text_negatives():
     assert row["negatives"].shape == (2, 8)
     texts = {tok.decode([t for t in n if t != GPT2_PAD]) for n in row["negatives"]}
     assert texts < {"wrong 4", "bad 4", "no 4"}
-    _same([train(17, raw)], [row])  # deterministic in (seed, position)
+    assert_same_batches([train(17, raw)], [row])  # deterministic in (seed, position)
     picks = {tuple(sorted(tok.decode([t for t in n if t != GPT2_PAD]) for n in
                           train(p, raw)["negatives"])) for p in range(30)}
     assert len(picks) > 1  # a random subset per position

@@ -12,9 +12,10 @@ import pytest
 from PIL import Image
 
 from jaxtrain.config import ConfigError
-from jaxtrain.data import pair_config, pair_rows, prepared_pairs
+from jaxtrain.data import pair_rows, prepared_pairs
 from jaxtrain.data.pair_writer import prepare_pairs
 from jaxtrain.data.shards import ShardRows, ShardWriter, decode_record, encode_record
+from tests.pair_helpers import assert_same_batches, data_config, take
 
 S, T = 16, 16
 KW = dict(mode="i2t", num_negatives=0, image_size=S, text_max_len=T)
@@ -47,24 +48,7 @@ def data_file(tmp_path_factory):
 
 
 def _cfg(**overrides):
-    d = pair_config.default_data_config()
-    d.prefetch, d.tokenizer, d.eval_fraction = 0, "gpt2", 0.2
-    for k, v in overrides.items():
-        d[k] = v
-    return d
-
-
-def _take(it, n):
-    return [next(it) for _ in range(n)]
-
-
-def _same(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert set(x) == set(y)
-        for k in x:
-            assert x[k].dtype == y[k].dtype, k
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+    return data_config(**{"tokenizer": "gpt2", "eval_fraction": 0.2, **overrides})
 
 
 def test_record_roundtrip_and_shards(tmp_path):
@@ -98,17 +82,17 @@ def test_prepared_gives_the_raw_batches(tmp_path, data_file):
     assert meta["columns"] == {"image": "image", "text": "text"}
     prep = _cfg(name=str(tmp_path / "p"), hflip=True, image_resize=20,
                 eval_fraction=0.5)  # no second hold-out
-    _same(list(pair_rows.eval_batches(prep, batch_size=3, **KW)),
+    assert_same_batches(list(pair_rows.eval_batches(prep, batch_size=3, **KW)),
           list(pair_rows.eval_batches(raw, batch_size=3, **KW)))
     train = dict(seed=4, batch_size=4, **KW)
-    expected = _take(pair_rows.train_iterator(raw, **train), 9)  # > 2 epochs, with flips
+    expected = take(pair_rows.train_iterator(raw, **train), 9)  # > 2 epochs, with flips
     assert expected[0]["query"].dtype == np.uint8
     it = pair_rows.train_iterator(prep, **train)
-    _same(_take(it, 5), expected[:5])
+    assert_same_batches(take(it, 5), expected[:5])
     state = json.loads(json.dumps(it.get_state()))
     fresh = pair_rows.train_iterator(prep, **train)
     fresh.set_state(state)
-    _same(_take(fresh, 4), expected[5:])
+    assert_same_batches(take(fresh, 4), expected[5:])
     # Preparing again the same is a no-op; other settings into the same directory an error.
     before = os.path.getmtime(tmp_path / "p" / "prepared.json")
     again = prepare_pairs(raw, str(tmp_path / "p"), rows_per_shard=5, **KW)
@@ -166,13 +150,13 @@ def test_random_resized_crop_and_jpeg(tmp_path, data_file):
     assert min(rows[0]["image"].shape[:2]) == 18
     prep = _cfg(name=out, augment="random_resized_crop", rrc_scale=(0.5, 1.0))
     train = dict(seed=1, batch_size=4, **KW)
-    expected = _take(pair_rows.train_iterator(prep, **train), 6)
+    expected = take(pair_rows.train_iterator(prep, **train), 6)
     assert expected[0]["query"].shape == (4, S, S, 3)
     it = pair_rows.train_iterator(prep, **train)
-    _take(it, 2)
+    take(it, 2)
     fresh = pair_rows.train_iterator(prep, **train)
     fresh.set_state(json.loads(json.dumps(it.get_state())))
-    _same(_take(fresh, 4), expected[2:])
+    assert_same_batches(take(fresh, 4), expected[2:])
     # JPEG-encoded shards: close to the raw crops (lossy), much smaller.
     raw = _cfg(name=data_file)
     prepare_pairs(raw, str(tmp_path / "jpg"), image_format="jpeg", **KW)

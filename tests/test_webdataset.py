@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 
 from jaxtrain.config import ConfigError
-from jaxtrain.data import pair_config, pair_rows
+from jaxtrain.data import pair_rows
 from jaxtrain.data.pair_writer import prepare_pairs
 from jaxtrain.data.webdataset import expand_braces, shard_paths
+from tests.pair_helpers import assert_same_batches, data_config, take
 
 S, T = 16, 16
 KW = dict(mode="i2t", num_negatives=0, image_size=S, text_max_len=T)
@@ -71,23 +72,7 @@ def jsonl(tmp_path_factory, samples):
 
 
 def _cfg(**overrides):
-    d = pair_config.default_data_config()
-    d.prefetch, d.tokenizer, d.eval_fraction = 0, "gpt2", 0.2
-    for k, v in overrides.items():
-        d[k] = v
-    return d
-
-
-def _take(it, n):
-    return [next(it) for _ in range(n)]
-
-
-def _same(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert set(x) == set(y)
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+    return data_config(**{"tokenizer": "gpt2", "eval_fraction": 0.2, **overrides})
 
 
 def test_shard_patterns(shards, tmp_path):
@@ -107,17 +92,17 @@ def test_shard_patterns(shards, tmp_path):
 
 def test_same_pairs_as_jsonl_and_exact_resume(shards, jsonl):
     wds, ref = _cfg(name=str(shards / "{00000..00002}.tar")), _cfg(name=jsonl)
-    _same(list(pair_rows.eval_batches(wds, batch_size=2, **KW)),
+    assert_same_batches(list(pair_rows.eval_batches(wds, batch_size=2, **KW)),
           list(pair_rows.eval_batches(ref, batch_size=2, **KW)))
     train = dict(seed=3, batch_size=4, **KW)
     aug = dict(augment="random_resized_crop", hflip=True)
-    expected = _take(pair_rows.train_iterator(_cfg(name=jsonl, **aug), **train), 7)
+    expected = take(pair_rows.train_iterator(_cfg(name=jsonl, **aug), **train), 7)
     it = pair_rows.train_iterator(_cfg(name=str(shards), **aug), **train)
-    _same(_take(it, 4), expected[:4])  # past the first epoch (3 batches of 12 rows)
+    assert_same_batches(take(it, 4), expected[:4])  # past the first epoch (3 batches of 12 rows)
     state = json.loads(json.dumps(it.get_state()))
     fresh = pair_rows.train_iterator(_cfg(name=str(shards), **aug), **train)
     fresh.set_state(state)
-    _same(_take(fresh, 3), expected[4:])
+    assert_same_batches(take(fresh, 3), expected[4:])
     # The samples pickle for grain's worker processes (open files are not carried).
     rows, _ = pair_rows.build_rows(wds, which="train", seed=0, **KW)
     first = rows[0]
@@ -155,11 +140,11 @@ def test_prepare_from_webdataset(shards, tmp_path):
     meta = prepare_pairs(wds, str(tmp_path / "p"), **KW)
     assert meta["parts"]["train"]["rows"] == 12 and meta["parts"]["eval"]["rows"] == 3
     prep = _cfg(name=str(tmp_path / "p"))
-    _same(list(pair_rows.eval_batches(prep, batch_size=2, **KW)),
+    assert_same_batches(list(pair_rows.eval_batches(prep, batch_size=2, **KW)),
           list(pair_rows.eval_batches(wds, batch_size=2, **KW)))
     train = dict(seed=0, batch_size=4, **KW)
-    _same(_take(pair_rows.train_iterator(prep, **train), 4),
-          _take(pair_rows.train_iterator(wds, **train), 4))
+    assert_same_batches(take(pair_rows.train_iterator(prep, **train), 4),
+          take(pair_rows.train_iterator(wds, **train), 4))
 
 
 @pytest.mark.slow
@@ -168,9 +153,9 @@ def test_grain_worker_processes(shards, tmp_path):
     prepare_pairs(_cfg(name=str(shards)), str(tmp_path / "p"), **KW)
     train = dict(seed=2, batch_size=4, **KW)
     for name in (str(shards), str(tmp_path / "p")):
-        expected = _take(pair_rows.train_iterator(_cfg(name=name), **train), 4)
+        expected = take(pair_rows.train_iterator(_cfg(name=name), **train), 4)
         it = pair_rows.train_iterator(_cfg(name=name, workers=1), **train)
         try:
-            _same(_take(it, 4), expected)
+            assert_same_batches(take(it, 4), expected)
         finally:
             it.close()
