@@ -81,7 +81,7 @@ def test_siglip_t2t_negatives_unified_local_loss_cache_equal_the_plain_step():
 def test_modes_train_and_evaluate(mode, kind, tmp_path):
     c = load_config("clip", f"runlocal,mode={mode},negatives=1", train__steps=2,
                     optim__warmup_steps=0, eval__every=2, checkpoint__every=2)
-    trainer = Trainer(c, str(tmp_path))
+    trainer = Trainer(c, str(tmp_path), devices=jax.devices()[:1])  # the modes, not the mesh
     batch = _batches(trainer, batch_size=4)[0]
     assert batch["negatives"].shape[:2] == (4, 1)
     assert (batch["positive"].ndim == 4) == (kind == "image")
@@ -124,7 +124,7 @@ def teacher(tmp_path_factory):
     """A tiny CLIP run (what configs/clip.py writes, at runlocal size)."""
     workdir = str(tmp_path_factory.mktemp("clip_teacher"))
     c = load_config("clip", "runlocal", train__steps=20, eval__every=20, checkpoint__every=20)
-    Trainer(c, workdir).train()
+    Trainer(c, workdir, devices=jax.devices()[:1]).train()  # only its weights matter
     return workdir
 
 
@@ -133,7 +133,7 @@ def test_distillation_from_a_clip_run(teacher, tmp_path, monkeypatch):
     c = load_config("distill", f"clip,runlocal,teacher={os.path.basename(teacher)}",
                     train__steps=6,
                     optim__warmup_steps=2, eval__every=6, checkpoint__every=6, train__batch_size=32)
-    trainer = Trainer(c, str(tmp_path))
+    trainer = Trainer(c, str(tmp_path), devices=jax.devices()[:1])
     assert trainer.task.teacher_config.vision_width == 32
     result = trainer.train()
     state = result.final_state

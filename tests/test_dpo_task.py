@@ -14,7 +14,12 @@ from tests.test_lm_task import leaves, load_config
 @pytest.fixture(scope="module")
 def sft_dir(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("sft"))
-    Trainer(load_config("sft", "runlocal", train__steps=20, eval__every=0), workdir).train()
+    c = load_config("sft", "runlocal", train__steps=20, eval__every=0)
+    c.unlock()
+    del c.evals["generation"]  # its end-of-run decoding: test_generation_eval.py's subject
+    c.lock()
+    # on 1 device: only its weights matter here (the DPO run below is on 8)
+    Trainer(c, workdir, devices=jax.devices()[:1]).train()
     return workdir
 
 
@@ -65,7 +70,7 @@ def test_precomputed_reference_equals_the_model_reference(sft_dir, tmp_path):
     # 32 training pairs: one batch of the reference's precomputation
     c = load_config("dpo", f"runlocal,init={sft_dir},reference=precomputed",
                     data__cache_dir=str(tmp_path), data__train_examples=32)
-    rows = Trainer(c).task._rows("train")
+    rows = Trainer(c, devices=jax.devices()[:1]).task._rows("train")
     model = Trainer(load_config("dpo", f"runlocal,init={sft_dir}"), devices=jax.devices()[:1])
     logps = jax.jit(model.task._logps)(model.init_state().params,
                                        {k: v[:8] for k, v in rows.items()})

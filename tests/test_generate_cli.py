@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 from jaxtrain import ConfigError, Trainer
@@ -40,7 +41,7 @@ def sft_config(**overrides):
 def sft_run(tmp_path_factory):
     """A 4-step tiny SFT run (context: data.seq_len = 64), checkpoints at steps 2 and 4."""
     workdir = str(tmp_path_factory.mktemp("gen_cli_sft"))
-    Trainer(sft_config(), workdir).train()
+    Trainer(sft_config(), workdir, devices=jax.devices()[:1]).train()  # only its weights matter
     return workdir
 
 
@@ -161,7 +162,7 @@ def test_hf_dir_decodes_as_transformers_greedy(tmp_path):
 def test_a_lora_run_decodes_as_its_merged_export(tmp_path):
     c = sft_config(lora__rank=4, train__steps=3, checkpoint__every=0)
     workdir = str(tmp_path / "lora")
-    Trainer(c, workdir).train()
+    Trainer(c, workdir, devices=jax.devices()[:1]).train()
     export_cli(workdir, hf_out=str(tmp_path / "hf"))
     assert os.path.isfile(tmp_path / "hf" / "config.json")
     from_run = generate_completions(workdir=workdir, prompts=PROMPTS, max_new_tokens=12)

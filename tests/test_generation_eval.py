@@ -133,7 +133,7 @@ def test_text_and_preference_prompts(gpt2):
 
 
 def sft_config(**overrides):
-    kw = dict(train__steps=12, eval__every=6, checkpoint__every=6, checkpoint__async_save=False,
+    kw = dict(train__steps=4, eval__every=2, checkpoint__every=2, checkpoint__async_save=False,
               checkpoint__best_metric="eval/generation/rougeL", checkpoint__best_mode="max",
               data__train_examples=64, data__eval_examples=24)
     c = load_config("sft", **{**kw, **overrides})
@@ -144,16 +144,17 @@ def sft_config(**overrides):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A 12-step tiny SFT run evaluated at steps 6 and 12, its best checkpoint by ROUGE-L."""
+    """A 4-step tiny SFT run evaluated at steps 2 and 4, its best checkpoint by ROUGE-L."""
     workdir = str(tmp_path_factory.mktemp("gen_sft"))
-    trainer = Trainer(sft_config(), workdir)
+    # on 1 device (about half the CPU time of 8); the evaluator on 8: test_dpo_prompts_...
+    trainer = Trainer(sft_config(), workdir, devices=jax.devices()[:1])
     result = trainer.train()
     evals = {int(m["step"]): m for m in result.metrics if "eval/generation/bleu" in m}
     return types.SimpleNamespace(workdir=workdir, result=result, trainer=trainer, evals=evals)
 
 
 def test_the_evaluator_reports_finite_metrics_every_evaluation(run):
-    assert sorted(run.evals) == [6, 12]
+    assert sorted(run.evals) == [2, 4]
     for step, m in run.evals.items():
         for name in METRICS:
             assert math.isfinite(m[f"eval/generation/{name}"]), (step, name)
@@ -168,7 +169,7 @@ def test_the_evaluator_reports_finite_metrics_every_evaluation(run):
 
 def test_samples_are_written_with_every_row(run):
     ev = run.trainer.evaluators["generation"]
-    for step in (6, 12):
+    for step in (2, 4):
         path = os.path.join(run.workdir, "samples", "generation", f"step_{step}.jsonl")
         with open(path) as f:
             rows = [json.loads(line) for line in f]

@@ -18,6 +18,7 @@ from jaxtrain.mesh import shard_batch
 from jaxtrain.tasks.lm import parse_curriculum
 
 ROOT = Path(__file__).resolve().parents[1]
+ONE = jax.devices()[:1]  # for tests of what does not depend on the sharding
 
 
 def load_config(name: str, arg: str = "runlocal", **overrides):
@@ -77,11 +78,13 @@ def test_sharded_on_8_devices_equals_1_device(name, mesh):
 
 
 def test_resume_mid_epoch_sees_the_same_batches(tmp_path):
+    # on 1 device (about half the CPU time of 8): the data position is what is tested here;
+    # sharded checkpoints resume in test_recovery.py and test_multiprocess.py
     straight = Trainer(load_config("lm", train__steps=8, checkpoint__every=0, eval__every=0),
-                       str(tmp_path / "a")).train()
+                       str(tmp_path / "a"), devices=ONE).train()
     cut = load_config("lm", train__steps=8, checkpoint__every=0, eval__every=0)
-    Trainer(cut, str(tmp_path / "b")).train(stop_at_step=3)
-    resumed = Trainer(cut, str(tmp_path / "b")).train()
+    Trainer(cut, str(tmp_path / "b"), devices=ONE).train(stop_at_step=3)
+    resumed = Trainer(cut, str(tmp_path / "b"), devices=ONE).train()
     assert [s for s, _ in resumed.loss_history] == list(range(4, 9))
     np.testing.assert_allclose([loss for _, loss in resumed.loss_history],
                                [loss for _, loss in straight.loss_history[3:]], rtol=1e-5)
@@ -93,9 +96,9 @@ def test_resume_mid_epoch_sees_the_same_batches(tmp_path):
 def test_curriculum_keeps_tokens_per_batch_and_compiles_per_length(tmp_path):
     c = load_config("lm", data__curriculum="8:2,16:4", train__steps=6, eval__every=0,
                     train__log_every=1)
-    trainer = Trainer(c, str(tmp_path))
+    trainer = Trainer(c, str(tmp_path), devices=ONE)  # the 3 compiles are what is counted
     it = trainer.train_iterator()
-    plain = Trainer(load_config("lm"), str(tmp_path / "p")).train_iterator()
+    plain = Trainer(load_config("lm"), str(tmp_path / "p"), devices=ONE).train_iterator()
     for step in range(6):
         batch, whole = next(it), next(plain)
         rows = {0: 32, 1: 32, 2: 16, 3: 16}.get(step, 8)
@@ -113,11 +116,13 @@ def test_curriculum_keeps_tokens_per_batch_and_compiles_per_length(tmp_path):
 
 
 def test_distillation_from_a_jaxtrain_teacher(tmp_path):
+    # on 1 device: the teacher's weights and the loss are tested here, not the sharding
     teacher_dir = str(tmp_path / "teacher")
-    teacher = Trainer(load_config("lm", train__steps=4, eval__every=0), teacher_dir).train()
+    teacher = Trainer(load_config("lm", train__steps=4, eval__every=0), teacher_dir,
+                      devices=ONE).train()
     c = load_config("distill", f"runlocal,teacher={teacher_dir}", train__steps=3,
                     eval__every=0)
-    trainer = Trainer(c, str(tmp_path / "student"))
+    trainer = Trainer(c, str(tmp_path / "student"), devices=ONE)
     result = trainer.train()
     # the frozen teacher is the trained teacher, and training leaves it untouched
     for x, y in zip(leaves(result.final_state.frozen["teacher"]),
@@ -128,7 +133,7 @@ def test_distillation_from_a_jaxtrain_teacher(tmp_path):
     # alpha = 0 is plain cross-entropy: the same loss as training without a teacher
     c0 = load_config("distill", f"runlocal,teacher={teacher_dir}", distill__alpha=0.0)
     plain = load_config("distill", "runlocal", distill__teacher="")
-    t0, tp = Trainer(c0), Trainer(plain)
+    t0, tp = Trainer(c0, devices=ONE), Trainer(plain, devices=ONE)
     batch = next(tp.task.train_iterator(seed=0, batch_size=8, process_index=0, process_count=1))
     _, m0 = two_steps(t0, [batch])
     _, mp = two_steps(tp, [batch])
@@ -166,16 +171,23 @@ def test_tokenizer_larger_than_the_vocabulary_is_a_clear_error(tmp_path):
 
 
 def run_cli(config, workdir, *overrides):
+    """`python -m jaxtrain.main` on 1 CPU device (as a laptop runs it: the 8-device sharding of
+    these configs is test_sharded_on_8_devices_equals_1_device's; 1 device compiles faster)."""
+    one_device = f"--xla_force_host_platform_device_count=1 {os.environ['JAXTRAIN_XLA_FLAGS']}"
     return subprocess.run(
         [sys.executable, "-m", "jaxtrain.main", f"--config={ROOT}/configs/{config}",
          f"--workdir={workdir}", "--config.train.progress_bar=False", *overrides],
-        capture_output=True, text=True, timeout=600, env=os.environ.copy(), cwd=ROOT,
+        capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": one_device},
+        cwd=ROOT,
     )
 
 
 @pytest.mark.parametrize("config", ["lm.py:runlocal", "sft.py:runlocal", "moe.py:runlocal"])
 def test_cli_runs_and_validation_loss_falls(config, tmp_path):
-    proc = run_cli(config, tmp_path)
+    # sft: 64-token rows, not 128 (GPT-2's vocabulary makes the logits most of a step's time;
+    # 0.7x the CPU time of the run, and its validation loss falls all the same)
+    overrides = ["--config.data.seq_len=64"] if config.startswith("sft") else []
+    proc = run_cli(config, tmp_path, *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval/val/loss" in r]

@@ -132,6 +132,8 @@ def test_streaming_errors(corpus, gpt2, tmp_path):
 
 @pytest.mark.slow
 def test_lm_trainer_streaming_resume_equals_uninterrupted(corpus, tmp_path):
+    import jax
+
     from jaxtrain import Trainer
 
     from .test_lm_task import leaves, load_config
@@ -141,10 +143,11 @@ def test_lm_trainer_streaming_resume_equals_uninterrupted(corpus, tmp_path):
               data__eval_rows=8, train__steps=6, checkpoint__every=0, eval__every=0,
               model__hidden_size=32, model__num_layers=1, model__num_heads=2,
               model__num_kv_heads=2, model__intermediate_size=64)
-    straight = Trainer(load_config("lm", **kw), str(tmp_path / "a")).train()
+    one = jax.devices()[:1]  # the data position is tested, not the sharding: 1 device
+    straight = Trainer(load_config("lm", **kw), str(tmp_path / "a"), devices=one).train()
     cut = load_config("lm", **kw)
-    Trainer(cut, str(tmp_path / "b")).train(stop_at_step=2)
-    resumed = Trainer(cut, str(tmp_path / "b")).train()
+    Trainer(cut, str(tmp_path / "b"), devices=one).train(stop_at_step=2)
+    resumed = Trainer(cut, str(tmp_path / "b"), devices=one).train()
     assert [s for s, _ in resumed.loss_history] == list(range(3, 7))
     np.testing.assert_allclose([loss for _, loss in resumed.loss_history],
                                [loss for _, loss in straight.loss_history[2:]], rtol=1e-5)
@@ -152,4 +155,5 @@ def test_lm_trainer_streaming_resume_equals_uninterrupted(corpus, tmp_path):
                     strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
     with pytest.raises(ConfigError, match="streams text and chat data"):
-        Trainer(load_config("lm", **kw, data__kind="synthetic"), str(tmp_path / "c")).train()
+        Trainer(load_config("lm", **kw, data__kind="synthetic"), str(tmp_path / "c"),
+                devices=one).train()
