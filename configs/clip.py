@@ -19,7 +19,7 @@ Variants (comma-separated after ':'):
   b32              CLIP ViT-B/32 + 12-layer text tower at 224 px, batch 256, bf16 (benchmark)
 """
 
-from jaxtrain.config import parse_variants
+from jaxtrain.config import parse_variants, set_steps
 from jaxtrain.tasks.clip import ClipTask
 
 VARIANTS = ("runlocal", "steps=N", "siglip", "mode=M", "unified", "negatives=N", "gradcache=C",
@@ -84,6 +84,6 @@ def get_config(arg: str | None = None):
     if "hf" in args:
         c.init_from = args["hf"]
     if "steps" in args:
-        c.train.steps = int(args["steps"])
+        set_steps(c, int(args["steps"]))
     c.lock()
     return c

@@ -6,22 +6,27 @@
 
     python -m jaxtrain.main --config=configs/clip.py                # a CLIP teacher (runs/clip)
     python -m jaxtrain.main --config=configs/distill.py:clip        # a smaller CLIP student
+                                                                    # (in runs/distill-clip)
 
 `lm`: a causal LM student learns from a frozen teacher's logits,
     loss = alpha · T² · KL(softmax(teacher/T) ‖ softmax(student/T)) + (1 − alpha) · CE(student).
-The teacher is a jaxtrain workdir (default: runs/lm, what configs/lm.py writes) or a Hugging Face
-directory (config.json + safetensors); it must share the student's vocabulary.
+The teacher is a jaxtrain workdir (default: runs/lm, what configs/lm.py writes; runs/lm-runlocal
+with `runlocal`), a Hugging Face directory (config.json + safetensors) or a Hugging Face Hub id
+(org/name, from the cache when HF_HUB_OFFLINE=1); it must share the student's vocabulary.
 
 `clip`: a dual-encoder student matches the teacher's query–key similarity distribution,
     loss = alpha · T² · KL(softmax(S_teacher/T) ‖ softmax(S_student/T)) + (1 − alpha) · InfoNCE,
 with S = exp(logit_scale) · cosine similarities over the global batch, rows and columns. The
-teacher is a jaxtrain CLIP workdir (default: runs/clip, what configs/clip.py writes) or a
-Hugging Face CLIP directory; it must read the same images and tokens as the student.
+teacher is a jaxtrain CLIP workdir (default: runs/clip, what configs/clip.py writes;
+runs/clip-runlocal with `runlocal`), a Hugging Face CLIP directory or a Hub id; it must read the
+same images and tokens as the student.
+
+Default workdirs: runs/distill (lm), runs/distill-clip, runs/distill-clip-runlocal, ...
 
 Variants: lm (the default) | clip, runlocal, steps=N, teacher=PATH.
 """
 
-from jaxtrain.config import parse_variants
+from jaxtrain.config import parse_variants, set_steps
 from jaxtrain.tasks.lm import LMTask
 
 VARIANTS = ("lm", "clip", "runlocal", "steps=N", "teacher=PATH")
@@ -32,7 +37,8 @@ def get_config(arg: str | None = None):
     if "clip" in args:
         return clip_config(args)
     c = LMTask.default_config()
-    c.distill.teacher = args.get("teacher", "runs/lm")
+    # the workdir configs/lm.py[:runlocal] trains in (jaxtrain.cli.default_workdir)
+    c.distill.teacher = args.get("teacher", "runs/lm-runlocal" if "runlocal" in args else "runs/lm")
     c.distill.alpha = 0.5
     c.distill.temperature = 2.0
     # Half the default configs/lm.py model (the teacher) in width and depth.
@@ -65,7 +71,7 @@ def get_config(arg: str | None = None):
         c.data.eval_rows = 32
         c.checkpoint.every = 10
     if "steps" in args:
-        c.train.steps = int(args["steps"])
+        set_steps(c, int(args["steps"]))
     c.lock()
     return c
 
@@ -81,13 +87,14 @@ def clip_config(args: dict):
     spec.loader.exec_module(clip)
     c = clip.get_config("runlocal" if "runlocal" in args else None)
     c.unlock()
-    c.distill.teacher = args.get("teacher", "runs/clip")
+    c.distill.teacher = args.get("teacher",
+                                 "runs/clip-runlocal" if "runlocal" in args else "runs/clip")
     c.distill.alpha = 0.5
     c.distill.temperature = 1.0
     if "runlocal" not in args:
         c.model.update(dict(vision_width=48, vision_layers=2, vision_heads=2, text_width=48,
                             text_layers=2, text_heads=2, embed_dim=32))
     if "steps" in args:
-        c.train.steps = int(args["steps"])
+        set_steps(c, int(args["steps"]))
     c.lock()
     return c

@@ -15,7 +15,7 @@ Variants: runlocal, steps=N, lora (rank-8 adapters on q/k/v/o; the base is the r
 loss=sigmoid|ipo|hinge|robust, reference=model|precomputed|none, init=PATH.
 """
 
-from jaxtrain.config import parse_variants
+from jaxtrain.config import parse_variants, set_steps
 from jaxtrain.tasks.dpo import DPOTask
 
 VARIANTS = ("runlocal", "steps=N", "lora", "loss=sigmoid|ipo|hinge|robust",
@@ -25,7 +25,8 @@ VARIANTS = ("runlocal", "steps=N", "lora", "loss=sigmoid|ipo|hinge|robust",
 def get_config(arg: str | None = None):
     args = parse_variants(arg, VARIANTS, "configs/dpo.py")
     c = DPOTask.default_config()
-    c.init_from = args.get("init", "runs/sft")  # the shape of the model comes from there
+    # the shape of the model comes from there: the workdir of configs/sft.py[:runlocal]
+    c.init_from = args.get("init", "runs/sft-runlocal" if "runlocal" in args else "runs/sft")
     c.model.vocab_size = 50304
     c.data.max_length = 96
     c.data.max_prompt_length = 64
@@ -68,6 +69,6 @@ def get_config(arg: str | None = None):
         c.eval.batch_size = 40
         c.checkpoint.every = 10
     if "steps" in args:
-        c.train.steps = int(args["steps"])
+        set_steps(c, int(args["steps"]))
     c.lock()
     return c

@@ -27,7 +27,7 @@ held-out positives: eval/ir/ndcg@10 (the checkpoint kept as best), mrr@10, recal
 
 import ml_collections
 
-from jaxtrain.config import parse_variants
+from jaxtrain.config import parse_variants, set_steps
 from jaxtrain.data.shapes import CaptionTokenizer
 from jaxtrain.evaluators import eval_config
 from jaxtrain.models.embedder import EmbedderConfig, tower_defaults
@@ -123,6 +123,6 @@ def get_config(arg: str | None = None):
             c.model.text_max_len = 128
         c.optim.lr = 2e-5 if kind == "bert" else 1e-4
     if "steps" in args:
-        c.train.steps = int(args["steps"])
+        set_steps(c, int(args["steps"]))
     c.lock()
     return c

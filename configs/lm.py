@@ -17,7 +17,7 @@ Variants (comma-separated after ':'):
   bench                       random tokens, batch 8 x 2048, vocab 32000, bf16, cuDNN attention
 """
 
-from jaxtrain.config import parse_variants
+from jaxtrain.config import parse_variants, set_steps
 from jaxtrain.tasks.lm import LMTask
 
 VARIANTS = ("size=tiny|small|350m|1b|7b|70b", "runlocal", "steps=N", "scan", "pack", "curriculum",
@@ -103,10 +103,10 @@ def get_config(arg: str | None = None):
         c.model.scan_layers = True
     if "pack" in args:
         c.data.mode = "pack"
+    if "steps" in args:  # before the curriculum, whose stages are fractions of the run
+        set_steps(c, int(args["steps"]))
     if "curriculum" in args:
         n = c.data.seq_len
         c.data.curriculum = f"{n // 4}:{c.train.steps // 4},{n // 2}:{c.train.steps // 2}"
-    if "steps" in args:
-        c.train.steps = int(args["steps"])
     c.lock()
     return c

@@ -23,7 +23,7 @@ Variants: runlocal, steps=N, experts=N, topk=K, and
 import importlib.util
 import os
 
-from jaxtrain.config import parse_variants
+from jaxtrain.config import parse_variants, set_steps
 
 
 def _lm_config(arg):
@@ -35,9 +35,11 @@ def _lm_config(arg):
     return module.get_config(arg)
 
 
+VARIANTS = ("runlocal", "steps=N", "experts=N", "topk=K", "long")
+
+
 def get_config(arg: str | None = None):
-    args = parse_variants(arg, ("runlocal", "steps=N", "experts=N", "topk=K", "long"),
-                          "configs/moe.py")
+    args = parse_variants(arg, VARIANTS, "configs/moe.py")
     c = _lm_config("runlocal" if "runlocal" in args else None)  # the dense setup + MoE layers
     c.unlock()
     c.model.num_experts = int(args.get("experts", 4))
@@ -58,6 +60,6 @@ def get_config(arg: str | None = None):
     c.loss.balance_deviation = 0.0
     c.loss.router_z = 0.001
     if "steps" in args:
-        c.train.steps = int(args["steps"])
+        set_steps(c, int(args["steps"]))
     c.lock()
     return c

@@ -15,14 +15,15 @@ held-out prompts: BLEU, ROUGE, exact match; samples in <workdir>/samples/generat
 Variants: runlocal, steps=N, nopack (one conversation per row), size=tiny|small.
 """
 
-from jaxtrain.config import parse_variants
+from jaxtrain.config import parse_variants, set_steps
 from jaxtrain.evaluators import eval_config
 from jaxtrain.tasks.lm import LMTask
 
+VARIANTS = ("runlocal", "steps=N", "nopack", "size=tiny|small")
+
 
 def get_config(arg: str | None = None):
-    args = parse_variants(arg, ("runlocal", "steps=N", "nopack", "size=tiny|small"),
-                          "configs/sft.py")
+    args = parse_variants(arg, VARIANTS, "configs/sft.py")
     c = LMTask.default_config()
     # The tiny model of configs/lm.py, with grouped-query attention (3 query heads, 1 kv head).
     c.model.update(dict(hidden_size=96, num_layers=4, num_heads=3, num_kv_heads=1,
@@ -69,6 +70,6 @@ def get_config(arg: str | None = None):
         c.checkpoint.every = 10
         c.evals.generation.max_examples = 16
     if "steps" in args:
-        c.train.steps = int(args["steps"])
+        set_steps(c, int(args["steps"]))
     c.lock()
     return c

@@ -33,6 +33,8 @@ class CheckpointSaveError(OSError):
 
 
 ASIDE = ".corrupt"  # an unreadable checkpoint `<step>` is renamed `<step>.corrupt`
+# resume_from=<step>: the later checkpoints are renamed `<step>.after-resume-<time>`
+AFTER_RESUME = ".after-resume-"
 
 
 def _state_dict(state: TrainState) -> dict[str, Any]:
@@ -187,16 +189,16 @@ class Checkpointer:
                             jax.process_count())
         return TrainState(**restored["state"]), restored["meta"]
 
-    def move_aside(self, step: int) -> str:
-        """Rename the unreadable checkpoint `step` to `<step>.corrupt` (`.corrupt.2`, ... if
-        taken): kept for inspection, ignored by the manager and by rotation. Process 0
-        renames; every process waits for it. Returns the new path."""
+    def move_aside(self, step: int, suffix: str = ASIDE) -> str:
+        """Rename checkpoint `step` to `<step><suffix>` (default `<step>.corrupt`; `.2`, ... added
+        if taken): kept for inspection, ignored by the manager and by rotation (its name is no
+        step number). Process 0 renames; every process waits for it. Returns the new path."""
         src = self.step_path(step)
-        dst = src + ASIDE
+        dst = src + suffix
         n = 1
         while os.path.exists(dst):
             n += 1
-            dst = f"{src}{ASIDE}.{n}"
+            dst = f"{src}{suffix}.{n}"
         if jax.process_index() == 0:
             os.rename(src, dst)
         if jax.process_count() > 1:
@@ -244,29 +246,45 @@ def read_meta(step_dir: str) -> dict:
     return {}
 
 
-def read_state(path: str) -> tuple[dict, dict]:
+def step_dir_of(path: str) -> str:
+    """The checkpoint step directory `path` names: a step directory itself, else the newest
+    step of a workdir (`<path>/checkpoints/<step>`) or of a `checkpoints/` directory. Absolute
+    (Orbax's metadata reader misses files under a relative path). FileNotFoundError if none."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "state")):
+        return path
+    root = os.path.join(path, "checkpoints") if os.path.isdir(
+        os.path.join(path, "checkpoints")) else path
+    steps = saved_steps(root)
+    if not steps:
+        what = "it does not exist" if not os.path.exists(path) else "no saved step in it"
+        raise FileNotFoundError(
+            f"No jaxtrain checkpoint under {path!r} ({what}): expected a workdir with "
+            "checkpoints/<step>/state, a checkpoints/ directory, or a step directory.")
+    return os.path.join(root, str(steps[-1]))
+
+
+def read_state(path: str, fields: tuple[str, ...] | None = None) -> tuple[dict, dict]:
     """(config dict, saved state as host numpy arrays) of a jaxtrain run's newest checkpoint.
 
-    `path` is a workdir, its `checkpoints/` directory, or one step directory (relative paths
-    are made absolute: Orbax's metadata reader misses files under a relative path).
+    `path` is a workdir, its `checkpoints/` directory, or one step directory
+    (:func:`step_dir_of`). `fields` (e.g. ``("params", "frozen")``) reads only those parts of
+    the state (the optimizer state, often twice the params, is then never read).
+
+    The tree structure comes from the state item's own metadata (`state/_METADATA`):
+    `PyTreeCheckpointer.metadata()` would also look for a step-level `_CHECKPOINT_METADATA`
+    inside the item directory, which never has one (it sits one level up), and log Orbax's
+    "Metadata file does not exist" warning on every read.
     """
-    path = os.path.abspath(path)
-    step_dir = path
-    if not os.path.isdir(os.path.join(step_dir, "state")):
-        root = os.path.join(path, "checkpoints") if os.path.isdir(
-            os.path.join(path, "checkpoints")) else path
-        steps = saved_steps(root)
-        if not steps:
-            raise FileNotFoundError(
-                f"No jaxtrain checkpoint under {path!r}: expected a workdir with "
-                "checkpoints/<step>/state, a checkpoints/ directory, or a step directory."
-            )
-        step_dir = os.path.join(root, str(steps[-1]))
+    from etils import epath  # Orbax's path type (an Orbax dependency)
+
+    step_dir = step_dir_of(path)
     state_dir = os.path.join(step_dir, "state")
-    checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(state_dir).item_metadata.tree
+    tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir)).tree
+    if fields is not None:
+        tree = {k: tree[k] for k in fields if k in tree}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    state = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-        item=tree, restore_args=restore_args))
-    return read_meta(step_dir).get("config", {}), state
+    state = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=tree, restore_args=restore_args, partial_restore=fields is not None))
+    return read_meta(step_dir).get("config", {}), dict(state)
 

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import logging as pylogging
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -42,9 +43,11 @@ class RunFlags:
     num_processes: flags.FlagHolder
     process_id: flags.FlagHolder
     distributed: flags.FlagHolder
+    show_config: flags.FlagHolder | None = None
 
     def config_file(self) -> str | None:
-        """The --config file's path as given (without its `:variant`), or None."""
+        """The --config argument as given, its `:variant` included (`configs/clip.py:runlocal`),
+        or None."""
         return config_flags.get_config_filename(flags.FLAGS[self.config.name])
 
     def config_overrides(self) -> dict:
@@ -58,11 +61,14 @@ def define_run_flags() -> RunFlags:
     return the same holders)."""
     return RunFlags(
         config=config_flags.DEFINE_config_file(
-            "config", None, "Config file, e.g. configs/clip.py or configs/clip.py:runlocal.",
+            "config", None, "Config file, e.g. configs/clip.py or configs/clip.py:runlocal "
+            "(':' then comma-separated variants). Change any key with --config.KEY=VALUE; "
+            "--show_config lists the file's variants and every key with its value.",
             lock_config=True),
         workdir=flags.DEFINE_string(
-            "workdir", None, "Run directory (checkpoints, metrics, tensorboard). "
-            "Default: runs/<config file name>."),
+            "workdir", None, "Run directory (checkpoints, metrics, tensorboard). Default: "
+            "runs/<config file name>, runs/<config file name>-<variants> with a variant "
+            "(steps=N left out), e.g. runs/clip-runlocal."),
         coordinator_address=flags.DEFINE_string(
             "coordinator_address", None, "host:port of process 0, for multi-process runs "
             "outside TPU pods / SLURM (where JAX finds it itself)."),
@@ -73,12 +79,39 @@ def define_run_flags() -> RunFlags:
             "distributed", "auto", ["auto", "on", "off"],
             "Call jax.distributed.initialize: 'auto' = when the flags above are given or a "
             "cluster (SLURM with several tasks, a TPU pod) is detected."),
+        show_config=flags.DEFINE_boolean(
+            "show_config", False, "Print the --config file's variants and every config key "
+            "with its value (after the variant and --config.KEY=VALUE overrides) and the "
+            "default workdir, then exit without building anything."),
     )
 
 
-def default_workdir(config_file: str) -> str:
-    """`runs/<config file name>`: where a command line's run goes without --workdir."""
-    return os.path.join("runs", os.path.splitext(os.path.basename(config_file))[0])
+# Variants that leave the default workdir as it is: they set how long a run trains, not what it
+# trains, so `:steps=N` continues (or extends) the run of the same config in the same workdir.
+WORKDIR_IGNORED_VARIANTS = ("steps",)
+
+
+def default_workdir(config_arg: str) -> str:
+    """Where a command line's run goes without --workdir: `runs/<config file name>` for a
+    --config without a variant, else `runs/<name>-<variant>-<variant>...`: each of the
+    comma-separated variants but `steps=N` (:data:`WORKDIR_IGNORED_VARIANTS`), sorted, as `key`
+    or `key_value` (a path value by its last component), other characters than letters,
+    digits, `.`, `_` and `-` as `_`. `configs/clip.py` -> runs/clip; `configs/clip.py:runlocal`
+    -> runs/clip-runlocal; `configs/clip.py:siglip,mode=t2t,steps=50` ->
+    runs/clip-mode_t2t-siglip; `configs/clip.py:hf=/ckpt/clip-vit-base-patch32` ->
+    runs/clip-hf_clip-vit-base-patch32."""
+    path, _, variant = config_arg.partition(":")
+    parts = sorted({_workdir_part(item) for item in variant.split(",")
+                    if item and item.partition("=")[0] not in WORKDIR_IGNORED_VARIANTS})
+    return os.path.join("runs", "-".join([os.path.splitext(os.path.basename(path))[0], *parts]))
+
+
+def _workdir_part(item: str) -> str:
+    key, eq, value = item.partition("=")
+    if eq:  # a path (hf=/ckpt/model/, teacher=runs/lm) by its last component
+        value = os.path.basename(value.rstrip("/\\")) or value
+    text = f"{key}_{value}" if eq else key
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "_"
 
 
 def in_cluster() -> bool:
@@ -140,7 +173,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a bad flag or config override (`--config.train.stepz=3`)
     reported as one line and exit 2, instead of a chain of tracebacks."""
     try:
-        return flags.FLAGS(argv)
+        argv = flags.FLAGS(argv)
     except flags.Error as e:  # absl's own usage errors: its message and --help hint
         sys.stderr.write(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to "
                          "see help on flags.\n")
@@ -154,6 +187,41 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.stderr.write(("Unknown config key " if unknown else "Bad --config value: ")
                          + message + "\n")
         sys.exit(EXIT_BAD_INPUT)
+    if "show_config" in flags.FLAGS and flags.FLAGS["show_config"].value:
+        if flags.FLAGS["config"].value is None:
+            sys.stderr.write("--show_config needs --config=FILE[:VARIANTS].\n")
+            sys.exit(EXIT_BAD_INPUT)
+        config_arg = config_flags.get_config_filename(flags.FLAGS["config"])
+        sys.stdout.write(describe_config(config_arg, flags.FLAGS["config"].value))
+        sys.exit(EXIT_OK)
+    return argv
+
+
+def describe_config(config_arg: str, config) -> str:
+    """`--show_config`'s text: the config file's docstring (its usage and variants), its
+    `VARIANTS`, the default workdir, and every key of `config` with its value, one per line."""
+    import importlib.util
+
+    path = config_arg.partition(":")[0]
+    spec = importlib.util.spec_from_file_location("_jaxtrain_show_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = [f"--config={config_arg}", f"Default --workdir: {default_workdir(config_arg)}", ""]
+    if module.__doc__:
+        out += [module.__doc__.strip(), ""]
+    if getattr(module, "VARIANTS", None) and "Variants" not in (module.__doc__ or ""):
+        out += [f"Variants (after ':', comma-separated): {', '.join(module.VARIANTS)}", ""]
+    out.append("Config keys (change one with --config.KEY=VALUE):")
+    out += [f"  {key} = {value!r}" for key, value in _flat_items(config)]
+    return "\n".join(out) + "\n"
+
+
+def _flat_items(config, prefix: str = ""):
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            yield from _flat_items(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 class QuietLibraries(pylogging.Filter):
@@ -189,8 +257,16 @@ def _quiet_unraisable(hook):
 
 
 def setup_logging() -> None:
-    """absl logging at INFO, with :class:`QuietLibraries` on its logger."""
+    """absl logging at INFO, with :class:`QuietLibraries` on its logger, the console's short
+    line prefix (:class:`jaxtrain.console.ConsoleFormatter`), and known library advisories
+    that say nothing about the run dropped (:func:`jaxtrain.console.quiet_known_noise`: JAX's
+    "Unable to initialize backend 'tpu'" without a TPU, transformers' "PyTorch was not
+    found")."""
+    from jaxtrain import console  # no JAX: --help stays fast
+
     logging.set_verbosity(logging.INFO)
     logging.get_absl_logger().addFilter(QuietLibraries())
+    logging.get_absl_handler().setFormatter(console.ConsoleFormatter())
+    console.quiet_known_noise()
     pylogging.getLogger("asyncio").addFilter(UnretrievedTasks())
     sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)

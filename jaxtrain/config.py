@@ -15,6 +15,7 @@ from typing import Any
 import ml_collections
 
 from jaxtrain.errors import ConfigError
+from jaxtrain.trackers import check_report_to
 
 OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
 SCHEDULES = ("constant", "linear", "cosine", "cosine_restarts", "wsd", "rsqrt")
@@ -35,11 +36,37 @@ def parse_variants(arg: str | None, valid: Iterable[str], config_file: str) -> d
     return args
 
 
+def set_steps(c: ml_collections.ConfigDict, steps: int) -> None:
+    """A config file's `:steps=N` variant: `train.steps = N`, the warmup scaled with it so it
+    keeps its share of the run, `W' = min(round(W · N / T), N - 1)` (T, W: the config's steps
+    and `optim.warmup_steps` before; a `warmup_ratio` scales by itself). A 300-step run with 30
+    warmup steps becomes, at `steps=30`, 30 steps with 3."""
+    if steps <= 0:
+        raise ConfigError(f"The variant steps={steps} must be > 0.")
+    total, warmup = c.train.steps, c.optim.warmup_steps
+    c.train.steps = steps
+    if warmup > 0:
+        c.optim.warmup_steps = min(round(warmup * steps / total), steps - 1)
+
+
+def cadence(steps: int) -> ml_collections.FieldReference:
+    """The default of a cadence key (`eval.every`, `checkpoint.every`, `evals.<name>.every`): a
+    number of steps, which may be set to 'epoch' (the step where each epoch ends). Typed
+    `object`, so a config file and a command-line override (`--config.eval.every=epoch`) may set
+    either; :func:`validate` checks the value (an int, or 'epoch')."""
+    return ml_collections.FieldReference(steps, field_type=object)
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Engine defaults shared by every task. Task configs override and add `model` / `data`."""
     c = ml_collections.ConfigDict()
     c.task = ""  # registered task name, e.g. 'clip'
     c.seed = 0  # one seed; params, dropout and data order are derived from it by name
+    # Start from a chosen checkpoint: '' = the workdir's latest (if any); a step of this workdir
+    # ('40': resume there, later checkpoints moved aside as <step>.after-resume-<time>); or a path
+    # to another run's workdir / checkpoints dir / step dir (a fine-tune: its params, a fresh
+    # optimizer, step 0). Once this workdir has checkpoints of its own, a path is ignored.
+    c.resume_from = ""
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
     # ZeRO-1/2: params replicated over `data` (as plain data parallel), the optimizer state split
@@ -49,6 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 128  # global batch, over all devices and hosts
     c.train.steps = 1000
+    # > 0: train this many passes over the data instead of train.steps (leave train.steps at its
+    # default): steps = ceil(epochs * Task.num_train_examples() / batch_size); the LR schedule
+    # and warmup_ratio follow the derived steps (jaxtrain/epochs.py).
+    c.train.epochs = 0.0
     c.train.accum_steps = 1  # gradient accumulation: the batch is split in this many microbatches
     c.train.nonfinite = "skip"  # NaN/Inf loss or grads: 'skip' the update, or stop with an 'error'
     c.train.max_nonfinite_streak = 25  # 'skip' mode: stop after this many in a row; 0 = never
@@ -88,7 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.offload_state = False
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.every = 200  # evaluators' default cadence; 0 = only at the end
+    c.eval.every = cadence(200)  # evaluators' default cadence; 0 = only at the end; 'epoch'
     c.eval.batch_size = 256  # evaluators' default global batch
     c.eval.early_stop_metric = ""  # e.g. 'eval/retrieval/mean_recall@1'; '' = no early stopping
     c.eval.early_stop_mode = "max"
@@ -96,7 +127,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.min_delta = 0.0
 
     c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every = 200  # 0 = only at the end
+    c.checkpoint.every = cadence(200)  # 0 = only at the end; 'epoch' = where each epoch ends
     c.checkpoint.keep = 3  # most recent checkpoints kept
     c.checkpoint.best_metric = ""  # also keep the best by this eval metric; '' = off
     c.checkpoint.best_mode = "max"
@@ -109,6 +140,14 @@ def base_config() -> ml_collections.ConfigDict:
     # params are cast on write; the training checkpoint always keeps full precision.
     c.checkpoint.save_dtype = ""
 
+    # When the run ends normally (not preempted, not on an error), export a checkpoint as
+    # `python -m jaxtrain.export` would, into <workdir>/export/<format> (process 0): formats from
+    # 'safetensors', 'stablehlo', 'hf', 'sentence-transformers'; () = none. `checkpoint`: 'best'
+    # (the best by checkpoint.best_metric when there is one, else the last) or 'last'.
+    c.export = ml_collections.ConfigDict()
+    c.export.at_end = ()
+    c.export.checkpoint = "best"
+
     # LoRA (any task): rank 0 = off. See jaxtrain/lora.py.
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 0
@@ -117,6 +156,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora.targets = r".*(q_proj|k_proj|v_proj|o_proj)/kernel"  # regex over kernel paths
     c.lora.trainable = ""  # regex: other parameters trained in full (e.g. '.*norm.*')
     c.lora.base_dtype = "float32"  # frozen base weights: 'float32' | 'bfloat16'
+
+    # The run's name in every tracker and in the logs; '' = the workdir's folder name
+    # (jaxtrain.trackers.run_name). Sweeps name their trials '<sweep>/trial_<NNNN>'.
+    c.run_name = ""
+    # Trackers (jaxtrain/trackers.py): where metrics go, any of 'tensorboard' (<workdir>/
+    # tensorboard), 'jsonl' (<workdir>/metrics.jsonl, read back on resume) and 'wandb' (pip
+    # install 'jaxtrain[wandb]'; the W&B run id is kept in <workdir>/wandb_run_id, so a restart
+    # resumes the same run; WANDB_MODE=offline works without network).
+    c.logging = ml_collections.ConfigDict()
+    c.logging.report_to = ("tensorboard", "jsonl")
+    c.logging.wandb_project = "jaxtrain"
+    c.logging.wandb_entity = ""  # '' = your default W&B entity
+    c.logging.wandb_tags = ()  # e.g. ('clip', 'baseline')
+    c.logging.wandb_group = ""  # '' = none; sweeps group their trials by the sweep's name
 
     c.model = ml_collections.ConfigDict()
     c.data = ml_collections.ConfigDict()
@@ -182,6 +235,9 @@ def check_types(cfg: Mapping, schema: Mapping, *, prefix: str = "") -> None:
         default = flat_schema.get(path)
         if isinstance(default, Mapping | ml_collections.ConfigDict):
             continue
+        if value == "epoch" and re.fullmatch(r"eval\.every|checkpoint\.every|evals\.[^.]+\.every",
+                                             prefix + path):  # a cadence key (see `cadence`)
+            continue
         if not _type_ok(value, default):
             raise ConfigError(
                 f"Config key '{prefix}{path}' must be {type(default).__name__} "
@@ -214,6 +270,7 @@ _RULES: list[Rule] = [
     ("seed", lambda v: v >= 0, "must be >= 0"),
     ("train.batch_size", lambda v: v > 0, "must be > 0"),
     ("train.steps", lambda v: v > 0, "must be > 0"),
+    ("train.epochs", lambda v: v >= 0, "must be >= 0 (0 = use train.steps)"),
     ("train.accum_steps", lambda v: v >= 1, "must be >= 1"),
     ("train.nonfinite", lambda v: v in NONFINITE_MODES, f"must be one of {NONFINITE_MODES}"),
     ("train.max_nonfinite_streak", lambda v: v >= 0, "must be >= 0 (0 = never stop)"),
@@ -236,18 +293,23 @@ _RULES: list[Rule] = [
     ("optim.b2", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("optim.num_cycles", lambda v: v >= 1, "must be >= 1"),
     ("optim.decay_ratio", lambda v: 0 < v <= 1, "must be in (0, 1]"),
-    ("eval.every", lambda v: v >= 0, "must be >= 0 (0 = only at the end)"),
+    ("eval.every", lambda v: v == "epoch" or v >= 0,
+     "must be >= 0 (0 = only at the end) or 'epoch'"),
     ("eval.batch_size", lambda v: v > 0, "must be > 0"),
     ("eval.early_stop_mode", lambda v: v in MODES, f"must be one of {MODES}"),
     ("eval.patience", lambda v: v >= 1, "must be >= 1"),
     ("eval.min_delta", lambda v: v >= 0, "must be >= 0"),
-    ("checkpoint.every", lambda v: v >= 0, "must be >= 0 (0 = only at the end)"),
+    ("checkpoint.every", lambda v: v == "epoch" or v >= 0,
+     "must be >= 0 (0 = only at the end) or 'epoch'"),
     ("checkpoint.keep", lambda v: v >= 1, "must be >= 1"),
     ("checkpoint.best_mode", lambda v: v in MODES, f"must be one of {MODES}"),
     ("checkpoint.if_unreadable", lambda v: v in ("error", "start_over"),
      "must be 'error' or 'start_over'"),
     ("checkpoint.save_dtype", lambda v: v in ("", "bfloat16", "float16", "float32"),
      "must be '' (as trained), 'bfloat16', 'float16' or 'float32'"),
+    ("export.checkpoint", lambda v: v in ("best", "last"), "must be 'best' or 'last'"),
+    ("export.at_end", lambda v: all(isinstance(f, str) and f for f in v),
+     "must be a tuple of export format names, e.g. ('hf',) or ('safetensors', 'stablehlo')"),
     ("lora.rank", lambda v: v >= 0, "must be >= 0 (0 = off)"),
     ("lora.alpha", lambda v: v > 0, "must be > 0"),
     ("lora.dropout", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
@@ -267,6 +329,8 @@ def apply_rules(cfg: Mapping, rules: Iterable[Rule]) -> None:
 
 def check_rules(cfg: ml_collections.ConfigDict, rules: Iterable[Rule] = ()) -> None:
     apply_rules(cfg, [*_RULES, *rules])
+    if "logging" in cfg:  # tracker names; 'wandb' needs the package (before anything runs)
+        check_report_to(cfg.logging.report_to)
     for name, size in cfg.mesh.items():
         if name == "shard_optimizer":  # a setting, not an axis size (jaxtrain.mesh.MESH_OPTIONS)
             continue
@@ -278,7 +342,8 @@ def check_rules(cfg: ml_collections.ConfigDict, rules: Iterable[Rule] = ()) -> N
         raise ConfigError(f"At most one mesh axis may be -1 ('the rest'); got {dict(cfg.mesh)}.")
     if cfg.optim.warmup_steps > 0 and cfg.optim.warmup_ratio > 0:
         raise ConfigError("Set optim.warmup_steps or optim.warmup_ratio, not both.")
-    if cfg.optim.warmup_steps >= cfg.train.steps:
+    if cfg.optim.warmup_steps >= cfg.train.steps and not cfg.train.get("epochs"):
+        # with train.epochs the steps are derived later (jaxtrain.trainer), checked there
         raise ConfigError(
             f"Config key 'optim.warmup_steps' ({cfg.optim.warmup_steps}) must be smaller than "
             f"train.steps ({cfg.train.steps})."
@@ -337,6 +402,11 @@ def validate(
     check_keys(cfg, schema, skip="evals.")
     check_types(cfg, schema)
     check_rules(cfg, rules)
+    if cfg.train.get("epochs") and cfg.train.steps != schema.train.steps:
+        raise ConfigError(
+            f"Set train.epochs ({cfg.train.epochs}) or train.steps ({cfg.train.steps}), not both: "
+            f"with epochs the steps are derived from the dataset size. Drop the train.steps "
+            f"override (its default is {schema.train.steps}) or set train.epochs=0.")
     for name, block in cfg.get("evals", {}).items():
         if not isinstance(block, Mapping | ml_collections.ConfigDict) or not block.get("type"):
             raise ConfigError(

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+
 
 class ConfigError(ValueError):
     """A config key has a wrong name, type or value. The message names the key and the fix."""
@@ -12,6 +16,13 @@ def brief(error: BaseException, limit: int = 300) -> str:
     start and its end, where I/O errors say what failed ("... No space left on device")."""
     lines = str(error).strip().splitlines()
     text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    # tensorstore (Orbax) reports an OS error by its number only, at the end of a long message
+    # whose middle may be cut below: name it ("[os_error_code='28']" -> No space left on device)
+    code = re.search(r"os_error_code='?(\d+)", str(error))
+    if code and errno.errorcode.get(int(code.group(1))):
+        reason = os.strerror(int(code.group(1)))
+        if reason not in text:
+            text = f"{text} ({reason})"
     if len(text) <= limit:
         return text
     half = (limit - 5) // 2

@@ -34,7 +34,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from jaxtrain.config import Rule, apply_rules, check_keys, check_types
+from jaxtrain.config import Rule, apply_rules, cadence, check_keys, check_types
 from jaxtrain.errors import ConfigError
 
 # Keys every evaluator has, whatever its type.
@@ -141,6 +141,7 @@ class HeldoutEvaluator(Evaluator):
 
 def evaluator_schema(cls: type[Evaluator]) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({**COMMON_KEYS, "type": cls.type,
+                                      "every": cadence(COMMON_KEYS["every"]),  # or 'epoch'
                                       **cls.default_config().to_dict()})
 
 
@@ -152,10 +153,10 @@ def resolved_config(name: str, given: ml_collections.ConfigDict,
     prefix = f"evals.{name}."
     check_keys(given, schema, prefix=prefix)
     check_types(given, schema, prefix=prefix)
-    merged = ml_collections.ConfigDict(schema.to_dict())
+    merged = evaluator_schema(cls)  # a fresh copy (its `every` may become 'epoch')
     merged.update(given.to_dict())
-    rules = [(prefix + "every", lambda v: v >= -1,
-              "must be >= -1 (-1 = eval.every, 0 = only at the end)"),
+    rules = [(prefix + "every", lambda v: v == "epoch" or v >= -1,
+              "must be >= -1 (-1 = eval.every, 0 = only at the end) or 'epoch'"),
              (prefix + "batch_size", lambda v: v >= 0, "must be >= 0 (0 = eval.batch_size)"),
              *cls.config_rules(prefix)]
     apply_rules(ml_collections.ConfigDict({"evals": {name: merged.to_dict()}}), rules)

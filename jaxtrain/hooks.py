@@ -32,8 +32,10 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from jaxtrain import console
 from jaxtrain.checkpoint import Checkpointer, CheckpointSaveError
 from jaxtrain.config import ConfigError
+from jaxtrain.epochs import due
 from jaxtrain.errors import brief
 from jaxtrain.writers import MetricWriter, ProgressBar
 
@@ -120,6 +122,19 @@ class Loop:
         return self.trainer.config.train.steps
 
     @property
+    def epoch(self) -> float | None:
+        """Epochs done at `step` (`step / trainer.steps_per_epoch`); None when the dataset
+        size is unknown (a streaming task)."""
+        per_epoch = getattr(self.trainer, "steps_per_epoch", None)
+        return self.step / per_epoch if per_epoch else None
+
+    def due(self, every: int | str) -> bool:
+        """Whether a cadence falls on this step: every `every` steps (0 = never), or 'epoch'
+        (the step where each epoch ends, ceil(k * steps_per_epoch); jaxtrain/epochs.py)."""
+        examples = getattr(self.trainer, "train_examples", None) if every == "epoch" else None
+        return due(every, self.step, examples, self.config.train.batch_size)
+
+    @property
     def last(self) -> bool:
         """This step ends the loop (the last step, or a hook asked to stop)."""
         return self.stop or self.step == self.stop_at
@@ -195,6 +210,8 @@ class MetricsHook(Hook):
         summary = loop.trainer.summarize(host, len(host), dt, self.window)
         if self.window.tokens:
             summary["train/tokens_seen"] = float(loop.progress.tokens_seen)
+        if loop.epoch is not None:
+            summary["train/epoch"] = loop.epoch
         done = loop.step
         loop.loss_history += [(done - len(host) + i + 1, float(m["loss"]))
                               for i, m in enumerate(host)]
@@ -229,8 +246,12 @@ def check_nonfinite(train_cfg, host: list[dict], done: int, streak: int) -> int:
 
 
 class ProgressHook(Hook):
-    """A tqdm bar (process 0, `train.progress_bar`) with the latest loss, lr and samples/s;
-    `total` steps long (default: `train.steps`; the LR finder's sweep has its own length)."""
+    """A tqdm bar (process 0, `train.progress_bar`), `total` steps long (default:
+    `train.steps`; the LR finder's sweep has its own length). Its count follows dispatched
+    steps; at each metrics fetch (a new `loop.summary`, written by MetricsHook just before this
+    hook: `loop.step` steps are then complete) it shows the rate and ETA of completed steps, the
+    epoch (when the dataset size is known) and that summary's headline metrics (loss, lr,
+    samples/s or tokens/s, MFU): the newest values, never one window stale."""
 
     def __init__(self, enabled: bool, total: int | None = None):
         self.enabled = enabled
@@ -241,11 +262,11 @@ class ProgressHook(Hook):
         self.shown: dict | None = None
 
     def after_step(self, loop: Loop) -> None:
-        self.bar.update(1)
+        self.bar.dispatched(1)
         if loop.summary is not self.shown and loop.summary:
-            s = self.shown = loop.summary
-            self.bar.update(0, loss=s["train/loss"], lr=s["train/lr"],
-                            samples_s=s["perf/samples_per_second"])
+            self.shown = loop.summary
+            self.bar.completed(loop.step, console.headline(loop.summary),
+                               epoch=getattr(loop, "epoch", None))
 
     def on_end(self, loop: Loop) -> None:
         self.bar.close()
@@ -253,7 +274,8 @@ class ProgressHook(Hook):
 
 class EvalHook(Hook):
     """Each evaluator at its cadence: `every` steps of its own (-1: `eval.every`; 0: only at
-    the end), and always at the last step of the run (`train.steps`)."""
+    the end; 'epoch': where each epoch ends), and always at the last step of the run
+    (`train.steps`)."""
 
     def after_step(self, loop: Loop) -> None:
         loop.eval_metrics = None
@@ -261,7 +283,7 @@ class EvalHook(Hook):
         due = []
         for name, ev in loop.trainer.evaluators.items():
             every = cfg.eval.every if ev.config.every == -1 else ev.config.every
-            if (every and loop.step % every == 0) or loop.step == loop.total:
+            if loop.due(every) or loop.step == loop.total:
                 due.append(name)
         if due:
             loop.eval_metrics = loop.trainer.evaluate(loop.state, due, writer=loop.writer)
@@ -365,17 +387,18 @@ class PreemptionHook(Hook):
 
 
 class CheckpointHook(Hook):
-    """Saves every `checkpoint.every` steps (0: only at the end), when a hook asks
-    (`loop.save`: a new best), and at the last step of the loop (end, stop, preemption)."""
+    """Saves every `checkpoint.every` steps (0: only at the end; 'epoch': where each epoch
+    ends), when a hook asks (`loop.save`: a new best), and at the last step of the loop (end,
+    stop, preemption)."""
 
-    def __init__(self, ckpt: Checkpointer, every: int):
+    def __init__(self, ckpt: Checkpointer, every: int | str):
         self.ckpt = ckpt
         self.every = every
         self.failed = False
         self.queued: int | None = None  # the latest save handed to Orbax
 
     def after_step(self, loop: Loop) -> None:
-        if (self.every and loop.step % self.every == 0) or loop.last or loop.save:
+        if loop.due(self.every) or loop.last or loop.save:
             meta = {"step": loop.step, "progress": dataclasses.asdict(loop.progress),
                     "config": loop.config.to_dict(), "mesh": dict(loop.trainer.mesh.shape),
                     "process_count": jax.process_count()}

@@ -226,6 +226,9 @@ class LoraTask:
     def train_iterator(self, **kw):
         return self.inner.train_iterator(**kw)
 
+    def num_train_examples(self):
+        return self.inner.num_train_examples()
+
     def step_tokens(self, batch):
         return self.inner.step_tokens(batch)
 
@@ -235,7 +238,7 @@ class LoraTask:
 
 def save_adapters(path: str, params: dict, lora_cfg) -> None:
     """`<path>/adapters.safetensors` (the trainable tree, flattened by path) + `lora.json`."""
-    from safetensors.numpy import save_file
+    from jaxtrain.file_modes import save_safetensors as save_file  # mode 0644, not 0600
 
     os.makedirs(path, exist_ok=True)
     flat = {k: np.ascontiguousarray(np.asarray(jax.device_get(_unbox(v)), np.float32))

@@ -34,8 +34,10 @@ The steps run on the trainer's own loop (:meth:`jaxtrain.trainer.Trainer.loop`) 
 :class:`LRFinderHook` (the losses, the stop rule) and the progress bar.
 
 Default workdir: the library's is the Trainer's (``runs/<task>``); the command line's is
-``jaxtrain.main``'s (:func:`jaxtrain.cli.default_workdir`: ``runs/<config file name>``), so the
-output lands beside the run that the same ``--config`` trains.
+``jaxtrain.main``'s (:func:`jaxtrain.cli.default_workdir`: ``runs/<config file name>``, with
+``-<variants>`` for a variant), so the output lands beside the run that the same ``--config``
+trains. The command it prints to train with the suggestion (:func:`train_command`) names that
+workdir, the ``--config`` with its variants and the same overrides.
 
 Files (process 0 only; every process runs the steps): ``<workdir>/lr_find/lr_find.csv`` (columns
 ``step, lr, loss, smoothed_loss``) and ``<workdir>/lr_find/lr_find.png``. Nothing else in the
@@ -383,8 +385,7 @@ def _main(argv: list[str], run_flags: cli.RunFlags, own: dict[str, Any]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     cli.init_distributed(run_flags)
-    given_workdir = run_flags.workdir.value
-    workdir = given_workdir or cli.default_workdir(run_flags.config_file())
+    workdir = run_flags.workdir.value or cli.default_workdir(run_flags.config_file())
     try:
         result = lr_find(run_flags.config.value, workdir,
                          **{name: holder.value for name, holder in own.items()})
@@ -394,13 +395,21 @@ def _main(argv: list[str], run_flags: cli.RunFlags, own: dict[str, Any]) -> int:
             raise
         return code
     if result.suggestion is not None:
-        overrides = [f"--config.{k}={v}" for k, v in run_flags.config_overrides().items()
-                     if k != "optim.lr"]
-        command = ["python", "-m", "jaxtrain.main", f"--config={run_flags.config_file()}",
-                   *overrides, *([f"--workdir={given_workdir}"] if given_workdir else []),
-                   f"--config.optim.lr={result.suggestion:.3g}"]
+        command = train_command(run_flags.config_file(), run_flags.config_overrides(), workdir,
+                                result.suggestion)
         logging.info("To train with it: %s", shlex.join(command))
     return cli.EXIT_OK
+
+
+def train_command(config_arg: str, overrides: dict[str, Any], workdir: str,
+                  lr: float) -> list[str]:
+    """The `python -m jaxtrain.main` command that trains what the finder swept, with
+    `optim.lr = lr`: the same --config (variants included) and overrides, and the finder's
+    workdir (given or default), named explicitly so that the run lands where the sweep's
+    files are."""
+    return ["python", "-m", "jaxtrain.main", f"--config={config_arg}",
+            *[f"--config.{k}={v}" for k, v in overrides.items() if k != "optim.lr"],
+            f"--workdir={workdir}", f"--config.optim.lr={lr:.3g}"]
 
 
 def run() -> None:

@@ -31,21 +31,33 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     init_distributed(RUN_FLAGS)
     # after flag parsing: keeps --help fast
-    from jaxtrain import Trainer
+    import jax
+
+    from jaxtrain import Trainer, console
+    from jaxtrain.trackers import run_name
 
     config = RUN_FLAGS.config.value
     workdir = RUN_FLAGS.workdir.value or default_workdir(RUN_FLAGS.config_file())
-    logging.info("jaxtrain: task=%s workdir=%s", config.task, workdir)
+    logging.info("jaxtrain: task=%s run=%s workdir=%s", config.task, run_name(config, workdir),
+                 workdir)
     try:
-        result = Trainer(config, workdir).train()
+        with console.status("building the task, its data and the model",
+                            enabled=jax.process_index() == 0):
+            trainer = Trainer(config, workdir)
+        result = trainer.train()
     except (Exception, KeyboardInterrupt) as e:
         code = failure_exit_code(e)
         if code is None:
             raise
         return code
-    logging.info("Finished at step %d. Eval metrics:\n%s", result.final_step, result.table())
-    if result.best_step is not None:
-        logging.info("Best: step %d, %.4f", result.best_step, result.best_metric)
+    if jax.process_index() == 0:
+        # the wide table of every evaluation goes to a file; the console gets a short summary
+        table = console.write_eval_table(result, result.workdir)
+        report_to = config.get("logging", {}).get("report_to", ["tensorboard"])
+        lines = console.final_summary(result, console.tracked_metrics(config), table,
+                                      tensorboard="tensorboard" in report_to)
+        sys.stderr.write("\n".join(lines) + "\n")
+        sys.stderr.flush()
     if result.preempted:
         logging.warning("Stopped at step %d with a checkpoint: re-run the same command to "
                         "resume.", result.final_step)

@@ -60,6 +60,12 @@ class Task(abc.ABC):
         """What is not trained but the loss needs (boxed like params). Default: nothing."""
         return {}
 
+    def num_train_examples(self) -> int | None:
+        """Training rows in one epoch, over all hosts (after packing / filtering: what the
+        train iterator yields per pass), for `train.epochs`; None = unknown (streaming data).
+        An epoch is then `num_train_examples / train.batch_size` steps."""
+        return None
+
     def pretrained(self) -> dict[str, Any]:
         """Weights to start from instead of the random init, as host arrays: {"params": ...,
         "frozen": ...} (either may be absent), nested like the init; leaves left out keep their

@@ -13,7 +13,9 @@ steps have run, then are fetched together.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -29,17 +31,21 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
+from jaxtrain import console, offload
 from jaxtrain import loss_scale as loss_scale_lib
 from jaxtrain import memory as memory_lib
 from jaxtrain import mesh as mesh_lib
-from jaxtrain import offload
 from jaxtrain import prefetch as prefetch_lib
 from jaxtrain.checkpoint import (
+    AFTER_RESUME,
     Checkpointer,
     CheckpointMismatchError,
     CheckpointSaveError,
+    read_state,
+    step_dir_of,
 )
 from jaxtrain.config import ConfigError, check_divisibility
+from jaxtrain.epochs import check_epoch_cadence, steps_for_epochs
 from jaxtrain.errors import brief
 from jaxtrain.evaluator import EvalContext, Evaluator, LoopEvaluator
 from jaxtrain.hooks import (
@@ -78,6 +84,27 @@ class TrainResult:
     final_state: TrainState
     stopped_early: bool = False
     preempted: bool = False
+    final_loss: float | None = None  # mean train loss of the last log window
+    best_checkpoint_path: str | None = None  # checkpoint dir of best_step, if it still exists
+    best_epoch: float | None = None  # epochs done at best_step (None: dataset size unknown)
+    epoch: float | None = None  # epochs done at final_step (None: dataset size unknown)
+    report_path: str | None = None  # the run report PNG (jaxtrain.report), once written
+    exports: dict[str, str] = dataclasses.field(default_factory=dict)  # format -> folder
+    run_name: str = ""  # config.run_name, else the workdir's name
+
+    def metrics_frame(self):
+        """The history as a pandas DataFrame: one row per step that has records (train
+        summaries and evaluations at the same step merged), one column per metric name,
+        indexed by `step`; a metric absent at a step is NaN."""
+        import pandas as pd
+
+        rows: dict[int, dict[str, float]] = {}
+        for record in self.metrics:
+            rows.setdefault(int(record["step"]), {}).update(
+                {k: v for k, v in record.items() if k != "step"})
+        frame = pd.DataFrame.from_dict(rows, orient="index").sort_index()
+        frame.index.name = "step"
+        return frame
 
     @property
     def eval_history(self) -> list[dict[str, float]]:
@@ -128,23 +155,35 @@ class Trainer:
         devices: list[jax.Device] | None = None,
         schedule: optax.Schedule | None = None,
         hooks: Sequence[Hook] = (),
+        init_params: Any = None,
     ):
         """`task`: the built task (validated config; LoRA applied). `evaluators`: name ->
         evaluator (`eval/<name>/...`). `schedule` (a function of the step) replaces the
         config's learning-rate schedule (the LR finder passes its sweep). `hooks` run after the
-        built-in ones of `train()` (before preemption and checkpointing)."""
+        built-in ones of `train()` (before preemption and checkpointing). `init_params`: a
+        params tree (nested dicts of arrays, e.g. another run's `final_state.params`) to start
+        from instead of the init, placed like `task.pretrained()` (a leaf left out keeps its
+        init; unknown leaves or other shapes are a ConfigError); ignored when resuming.
+
+        With `train.epochs > 0`, `self.config` is a copy of `config` whose `train.steps` is
+        derived from the task's dataset size (:mod:`jaxtrain.epochs`)."""
         self.config = config
         self.workdir = os.path.abspath(workdir or os.path.join("runs", config.task or "run"))
         self.mesh = mesh_lib.make_mesh(config.mesh, devices)
         dp = mesh_lib.data_parallel_size(self.mesh)
         check_divisibility(config, dp)
         self.task = task
+        self.init_params = init_params
+        self.config = config = self._derive_steps(config)
         self.evaluators = dict(evaluators or {})
         for name, ev in self.evaluators.items():
             if ev.config.batch_size % dp:
                 raise ConfigError(
                     f"evals.{name}.batch_size ({ev.config.batch_size}) is not divisible by the "
                     f"data-parallel size {dp}; use a multiple of {dp}.")
+        for name, ev in self.evaluators.items():
+            if ev.config.every == "epoch":
+                check_epoch_cadence(f"evals.{name}.every", ev.config.every, self.train_examples)
         self.hooks = list(hooks)
         self.tx, self.schedule = build_optimizer(config.optim, config.train.steps,
                                                  schedule=schedule)
@@ -161,6 +200,48 @@ class Trainer:
         self._train_step_fn = offload.on_device(self._train_step_fn, self.offloaded)
         self._compiled: dict[tuple, CompiledStep] = {}
         self._eval_steps: dict[str, Any] = {}
+
+    @functools.cached_property
+    def train_examples(self) -> int | None:
+        """Training rows per epoch, over all hosts (`Task.num_train_examples()`, asked once,
+        when first needed: a task may have to build its data to count them); None = unknown."""
+        return self.task.num_train_examples()
+
+    @property
+    def steps_per_epoch(self) -> float | None:
+        """train_examples / train.batch_size (a float); None when the dataset size is unknown."""
+        n = self.train_examples
+        return n / self.config.train.batch_size if n else None
+
+    def _derive_steps(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        """With `train.epochs = E > 0`, a copy of `config` with train.steps = ceil(E *
+        train_examples / train.batch_size), before the optimizer and its schedule (warmup_ratio
+        included) are built from it; else `config`. 'epoch' cadences need a known size."""
+        for key in ("eval.every", "checkpoint.every"):
+            every = config[key.split(".")[0]].every
+            if every == "epoch":
+                check_epoch_cadence(key, every, self.train_examples)
+        batch = config.train.batch_size
+        epochs = config.train.get("epochs", 0.0)
+        if not epochs:
+            return config
+        if self.train_examples is None:
+            raise ConfigError(
+                f"train.epochs={epochs} needs the number of training examples, which the "
+                f"{self.task.name!r} task's data does not know (streaming data): set train.steps "
+                "instead (and train.epochs=0).")
+        steps = steps_for_epochs(epochs, self.train_examples, batch)
+        if config.optim.warmup_steps >= steps:
+            raise ConfigError(
+                f"Config key 'optim.warmup_steps' ({config.optim.warmup_steps}) must be smaller "
+                f"than the {steps} steps train.epochs={epochs} gives ({self.train_examples} "
+                f"examples at batch {batch}); lower it or use optim.warmup_ratio.")
+        logging.info("train.epochs=%g: %d training examples at a global batch of %d = %.4g "
+                     "steps per epoch; training %d steps.", epochs, self.train_examples, batch,
+                     self.train_examples / batch, steps)
+        config = copy.deepcopy(config)
+        config.train.steps = steps
+        return config
 
     # ------------------------------------------------------------------ state
 
@@ -210,14 +291,27 @@ class Trainer:
         self.state_shardings = offload.host_shardings(self.state_shardings, self.offloaded)
         self._init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
 
-    def init_state(self) -> TrainState:
+    def init_state(self, start_from: tuple[str, dict[str, Any]] | None = None) -> TrainState:
         """A fresh, sharded train state (the same on every mesh: derived from config.seed),
-        with the task's pretrained weights (if any) in place of the random ones."""
+        with, in place of the random weights and in this order: the task's pretrained weights
+        (if any), the trainer's `init_params`, and `start_from` = (what, {"params": ...,
+        "frozen": ...}) (a fine-tune's checkpoint, `resume_from`). The optimizer state stays
+        fresh."""
         state = self._init()
-        for field, tree in self.task.pretrained().items():
+        sources = [("pretrained", self.task.pretrained())]
+        if self.init_params is not None:
+            sources.append(("init_params", {"params": jax.device_get(self.init_params)}))
+        if start_from is not None:
+            sources.append(start_from)
+        for what, trees in sources:
+            state = self._put_weights(state, what, trees)
+        return state
+
+    def _put_weights(self, state: TrainState, what: str, trees: dict[str, Any]) -> TrainState:
+        for field, tree in trees.items():
             target, shardings = getattr(state, field), getattr(self.state_shardings, field)
             given = {path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-            _check_fits(field, given, target)
+            _check_fits(field, given, target, what)
 
             def put(path, t, s, given=given):
                 x = given.get(path_str(path))
@@ -256,7 +350,8 @@ class Trainer:
         )
         t0 = time.perf_counter()
         try:
-            with self._tracing():
+            with self._tracing(), console.status("compiling the train step", done=None,
+                                                 enabled=jax.process_index() == 0):
                 fn = jitted.lower(state, batch).compile()
         except (ValueError, TypeError) as e:
             if isinstance(e, ConfigError):
@@ -277,9 +372,9 @@ class Trainer:
             samples=next(iter(batch.values())).shape[0],
             memory=memory_lib.step_memory(fn),
         )
-        logging.info("Compiled the train step for batch %s in %.1f s; bytes per device: %s.",
-                     {k: v.shape for k, v in batch.items()}, seconds,
-                     self._compiled[signature].memory)
+        logging.info("Compiled the train step in %.1f s (batch %s; per device: %s).", seconds,
+                     {k: v.shape for k, v in batch.items()},
+                     console.bytes_text(self._compiled[signature].memory))
         return self._compiled[signature]
 
     def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -479,13 +574,18 @@ class Trainer:
             best_metric=cfg.checkpoint.best_metric, best_mode=cfg.checkpoint.best_mode,
             async_save=cfg.checkpoint.async_save,
         )
-        writer = MetricWriter(self.workdir)
+        writer = MetricWriter(self.workdir, config=cfg)
         try:
-            self.check_data()
+            with console.status("preparing the eval data", enabled=bool(self.evaluators)
+                                and jax.process_index() == 0):
+                self.check_data()
+            start_from = self._resume_from(ckpt)
             restored = self._restore_latest(ckpt)
             progress = Progress()
             if restored is None:
-                state, train_iter = self.init_state(), self.train_iterator()
+                with console.status("initialising the model and the training data",
+                                    enabled=jax.process_index() == 0):
+                    state, train_iter = self.init_state(start_from), self.train_iterator()
                 if jax.process_index() == 0:
                     with open(os.path.join(self.workdir, "config.json"), "w") as f:
                         f.write(cfg.to_json_best_effort(indent=2))
@@ -508,18 +608,100 @@ class Trainer:
         finally:
             ckpt.close(quiet=True)  # when the loop did not run; a no-op after it
             writer.close()
+        return self._result(loop, ckpt)
+
+    def _result(self, loop: Loop, ckpt: Checkpointer) -> TrainResult:
+        from jaxtrain.trackers import run_name
+
+        steps = ckpt.all_steps()
+        best = loop.progress.best_step
+        final_step = int(jax.device_get(loop.state.step))
+        losses = [r["train/loss"] for r in loop.records if "train/loss" in r]
+        epoch = lambda step: None if step is None or not self.steps_per_epoch else \
+            step / self.steps_per_epoch
         return TrainResult(
             workdir=self.workdir,
-            final_step=int(jax.device_get(loop.state.step)),
+            final_step=final_step,
             loss_history=loop.loss_history,
             metrics=loop.records,
-            best_step=loop.progress.best_step,
+            best_step=best,
             best_metric=loop.progress.best_value,
-            checkpoint_paths=[ckpt.step_path(s) for s in ckpt.all_steps()],
+            checkpoint_paths=[ckpt.step_path(s) for s in steps],
             final_state=loop.state,
             stopped_early=loop.stop_reason == "early_stop",
             preempted=loop.stop_reason == "preempted",
+            final_loss=float(losses[-1]) if losses else None,
+            best_checkpoint_path=ckpt.step_path(best) if best in steps else None,
+            best_epoch=epoch(best),
+            epoch=epoch(final_step),
+            run_name=run_name(self.config, self.workdir),
         )
+
+    def _resume_from(self, ckpt: Checkpointer) -> tuple[str, dict[str, Any]] | None:
+        """Apply `config.resume_from` before the workdir's latest checkpoint is restored.
+
+        A step of this workdir ('40'): the later checkpoints are moved aside (renamed
+        `<step>.after-resume-<time>`, never deleted; rotation ignores them), so the latest is
+        that step; metrics.jsonl is then truncated to it as on any resume. Applied once: when
+        the newest checkpoint was written by a run with this same resume_from, it is resumed.
+        A path (another run's workdir, checkpoints/ dir or step dir): on a fresh workdir,
+        returns ("the checkpoint <dir>", {"params", "frozen"}) for :meth:`init_state` (a
+        fine-tune: fresh optimizer, step 0, data from the start); once this workdir has
+        checkpoints of its own, they are resumed and the path is ignored."""
+        value = str(self.config.get("resume_from", "") or "").strip()
+        if not value:
+            return None
+        steps = ckpt.all_steps()
+        if value.isdigit():
+            step = int(value)
+            if step not in steps:
+                raise ConfigError(
+                    f"resume_from={value}: this workdir has no checkpoint at step {step}; its "
+                    f"checkpoints under {ckpt.directory}: {steps or 'none'}. Pass one of those "
+                    "steps, or a path to another run's workdir / checkpoint to fine-tune from.")
+            later = [s for s in steps if s > step]
+            if later and self._resume_applied(ckpt, later[-1], value):
+                logging.info("resume_from=%s was applied by the run that wrote checkpoint %d "
+                             "(its config has the same resume_from): resuming from %d. To go "
+                             "back to step %s once more, rename the later checkpoint "
+                             "directories (e.g. %d -> %d.old) and re-run.", value, later[-1],
+                             later[-1], value, later[-1], later[-1])
+                return None
+            tag = AFTER_RESUME + time.strftime("%Y%m%dT%H%M%S")
+            for s in later:
+                logging.warning("resume_from=%s: moved the later checkpoint %s aside to %s (not "
+                                "deleted).", value, ckpt.step_path(s), ckpt.move_aside(s, tag))
+            logging.info("resume_from=%s: resuming from %s.", value, ckpt.step_path(step))
+            return None
+        if steps:
+            logging.info("resume_from=%r only starts a run: this workdir has checkpoints of its "
+                         "own (latest: step %d), resuming from them.", value, steps[-1])
+            return None
+        try:
+            step_dir = step_dir_of(value)
+        except FileNotFoundError as e:
+            raise ConfigError(
+                f"resume_from={value!r}: {e} An integer resumes a step of this workdir, which "
+                "has no checkpoints yet.") from e
+        try:
+            _, saved = read_state(step_dir, fields=("params", "frozen"))
+        except Exception as e:  # noqa: BLE001 - Orbax raises many kinds for damaged files
+            raise ConfigError(
+                f"resume_from={value!r}: the checkpoint {step_dir} cannot be read ({brief(e)}). "
+                "Pass another step directory of that run, or restore its files.") from e
+        logging.info("resume_from: fine-tuning from the params of %s (a fresh optimizer, from "
+                     "step 0 and the start of the data).", step_dir)
+        return (f"resume_from checkpoint {step_dir}",
+                {k: saved[k] for k in ("params", "frozen") if saved.get(k)})
+
+    @staticmethod
+    def _resume_applied(ckpt: Checkpointer, step: int, value: str) -> bool:
+        """Whether checkpoint `step` was written by a run with `resume_from=value`."""
+        try:
+            saved = ckpt.restore_meta(step).get("config", {})
+        except Exception:  # noqa: BLE001 - unreadable: it cannot tell; treat as not applied
+            return False
+        return str(saved.get("resume_from", "")) == value
 
     def summarize(self, host: list[dict], steps: int, seconds: float,
                   window: Window) -> dict[str, float]:
@@ -584,14 +766,15 @@ def on_disk(ckpt: Checkpointer) -> str:
             f"resumes from step {steps[-1]}.")
 
 
-def _check_fits(field: str, given: dict[str, Any], target: Any) -> None:
-    """Every given pretrained leaf must exist in the state with the same shape."""
+def _check_fits(field: str, given: dict[str, Any], target: Any, what: str = "pretrained") -> None:
+    """Every given leaf (of `what`: pretrained weights, init_params, a checkpoint) must exist
+    in the state with the same shape."""
     want = {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(target)}
     unexpected = sorted(set(given) - set(want))[:5]
     differ = [f"{k}: {np.shape(given[k])} vs model {want[k]}"
               for k in sorted(set(given) & set(want)) if tuple(np.shape(given[k])) != want[k]][:5]
     if unexpected or differ:
         raise ConfigError(
-            f"The pretrained {field} do not fit the model: unexpected {unexpected}, shapes differ "
+            f"The {what} {field} do not fit the model: unexpected {unexpected}, shapes differ "
             f"{differ}. Check the model config against the weights' source."
         )

@@ -2,7 +2,9 @@
 load through :func:`load_pretrained`, from either
 
 * a Hugging Face model directory (``config.json`` + safetensors), converted by the model
-  family that reads its ``model_type`` (:func:`jaxtrain.models.registry.family_for_hf_dir`), or
+  family that reads its ``model_type`` (:func:`jaxtrain.models.registry.family_for_hf_dir`),
+  or a Hugging Face Hub id (``openai/clip-vit-base-patch32``) for one, from the Hub's cache
+  (:func:`jaxtrain.hub.resolve`; downloaded unless ``HF_HUB_OFFLINE=1``), or
 * a jaxtrain workdir (or a checkpoint / step directory in it): its newest checkpoint, with a
   LoRA run's adapters merged into its base weights (:func:`read_run`).
 
@@ -21,6 +23,7 @@ import ml_collections
 
 from jaxtrain.checkpoint import read_state
 from jaxtrain.errors import ConfigError
+from jaxtrain.hub import resolve
 from jaxtrain.lora import merged_state_params
 from jaxtrain.models.registry import ModelFamily, family_for_hf_dir, get_model
 
@@ -74,15 +77,18 @@ def run_family(config: Mapping[str, Any]) -> ModelFamily:
 
 
 def load_pretrained(path: str, family: ModelFamily, what: str) -> Pretrained:
-    """The weights at ``path`` (a Hugging Face directory or a jaxtrain workdir) for a model of
-    ``family``. ``what`` names the config key that gave the path (``init_from``,
-    ``distill.teacher``), for the errors: a ConfigError when the path does not exist, holds no
-    checkpoint, or holds another family's model."""
+    """The weights at ``path`` (a Hugging Face directory or Hub id, or a jaxtrain workdir) for
+    a model of ``family``. ``what`` names the config key that gave the path (``init_from``,
+    ``distill.teacher``), for the errors: a ConfigError when the path does not exist (nor is a
+    Hub id in the cache), holds no checkpoint, or holds another family's model."""
+    local = (f"a jaxtrain {family.title} workdir (the --workdir of a `python -m jaxtrain.main` "
+             f"run with model.name={family.name!r}: train that run first) or a Hugging Face "
+             f"{family.title} directory (config.json + model.safetensors)")
+    path = resolve(path, what, local=local)
     if not os.path.exists(path):
         raise ConfigError(
-            f"{what} {path!r} does not exist: give a jaxtrain {family.title} workdir (the "
-            f"--workdir of a `python -m jaxtrain.main` run with model.name={family.name!r}) or "
-            f"a Hugging Face {family.title} directory (config.json + model.safetensors).")
+            f"{what} {path!r} does not exist: give {local}, or a Hugging Face Hub id "
+            "(owner/name).")
     if is_hf_dir(path):
         found = family_for_hf_dir(path, default=family)
         if found.name != family.name and found.name not in family.hf_towers:

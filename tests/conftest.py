@@ -36,6 +36,9 @@ session_dir("HF_HOME")
 session_dir("JAXTRAIN_CACHE")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# No run report (report.png) after each of the suite's many tiny runs (~0.25-0.9 CPU-s each);
+# tests/test_report.py and tests/test_run_end.py turn it back on.
+os.environ.setdefault("JAXTRAIN_REPORT", "0")
 
 # JAX's persistent compilation cache for the whole session: a step that another test, another
 # xdist worker or a CLI run already compiled (same program, same devices, same flags) is read
@@ -54,7 +57,7 @@ assert jax.device_count() == 8, "tests expect 8 CPU devices: import jax only aft
 # default `--dist load` hands a module's tests to both workers, and each would make the run.
 SHARED_RUN_MODULES = ("tests/test_clip_task.py", "tests/test_dpo_task.py", "tests/test_export.py",
                       "tests/test_lora.py", "tests/test_generation_eval.py",
-                      "tests/test_generate_cli.py")
+                      "tests/test_generate_cli.py", "tests/test_faults.py")
 
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)

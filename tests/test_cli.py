@@ -36,4 +36,5 @@ def test_tiny_clip_run_learns_and_checkpoints(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["task"] == "clip"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [
         "30", "60"]
-    assert "Best: step 60" in proc.stderr or "Best: step 30" in proc.stderr
+    assert "mean_recall@1 = " in proc.stderr  # the final summary's best line
+    assert "at step 60" in proc.stderr or "at step 30" in proc.stderr

@@ -118,10 +118,18 @@ def final_params(workdir):
         return [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted toy run (in its own process) that both kill -9 tests' runs must equal,
+    bit for bit: run once for the module."""
+    workdir = tmp_path_factory.mktemp("toy_reference")
+    proc = toy(workdir)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    return workdir
+
+
 @pytest.mark.slow
-def test_kill_9_at_several_points_then_resume_equals_uninterrupted(tmp_path):
-    reference = toy(tmp_path / "ref")
-    assert reference.wait(timeout=300) == 0, reference.stderr.read()[-3000:]
+def test_kill_9_at_several_points_then_resume_equals_uninterrupted(tmp_path, reference):
     killed = tmp_path / "killed"
     for kill_at in (12, 40, 71):  # mid-interval, near a save, just past a save
         proc = toy(killed)
@@ -130,7 +138,7 @@ def test_kill_9_at_several_points_then_resume_equals_uninterrupted(tmp_path):
         proc.wait()
     proc = toy(killed)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
-    for a, b in zip(final_params(killed), final_params(tmp_path / "ref"), strict=True):
+    for a, b in zip(final_params(killed), final_params(reference), strict=True):
         np.testing.assert_array_equal(a, b)
     steps = train_steps(killed)
     assert steps == sorted(set(steps)) and steps[-1] == 80
@@ -192,9 +200,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_with_a_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_9_mid_save_mid_commit_and_mid_rotation_then_resume_equals_uninterrupted(tmp_path):
-    reference = toy(tmp_path / "ref")
-    assert reference.wait(timeout=300) == 0, reference.stderr.read()[-3000:]
+def test_kill_9_mid_save_mid_commit_and_mid_rotation_then_resume_equals_uninterrupted(
+        tmp_path, reference):
     killed = tmp_path / "killed"
     # save 2 = step 20 mid-write; then (resumed from 10) the 2nd commit (of step 20: Orbax
     # commits each checkpoint's items, then the checkpoint); then the first rotation after that
@@ -204,7 +211,7 @@ def test_kill_9_mid_save_mid_commit_and_mid_rotation_then_resume_equals_uninterr
         assert proc.wait(timeout=300) == -signal.SIGKILL, (kill_at, proc.stderr.read()[-3000:])
     proc = toy(killed)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
-    for a, b in zip(final_params(killed), final_params(tmp_path / "ref"), strict=True):
+    for a, b in zip(final_params(killed), final_params(reference), strict=True):
         np.testing.assert_array_equal(a, b)
     steps = train_steps(killed)
     assert steps == sorted(set(steps)) and steps[-1] == 80
@@ -369,3 +376,16 @@ def test_bad_data_through_the_command_line_is_exit_2_naming_file_and_line(tmp_pa
     assert len(error) == 1 and "Line 6 (row 5)" in error[0] and "pairs.jsonl" in error[0]
     assert "not UTF-8" in error[0] and "on_bad_row='skip'" in error[0]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before any step
+
+
+def test_brief_names_the_os_error_tensorstore_gives_only_by_number():
+    """Orbax (tensorstore) ends a full-disk error with "[os_error_code='28']" after a long spec,
+    whose middle `brief` cuts: the reason must still be in the message."""
+    from jaxtrain.errors import brief
+
+    error = ValueError("RESOURCE_EXHAUSTED: Error writing 'step/.zarray' " + "x" * 2000
+                       + " [os_error_code='28']")
+    assert brief(error, 240).endswith("(No space left on device)")
+    assert len(brief(error, 240)) <= 240
+    plain = OSError(28, "No space left on device")
+    assert brief(plain).count("No space left on device") == 1

@@ -1,13 +1,14 @@
 """The package's layers hold: a walk over every import (ast, function-level ones included).
 
-    leaf     errors registry axes tree tokenizer_files  import nothing of jaxtrain but leaf
+    leaf     errors registry axes tree tokenizer_files hub file_modes  import nothing of jaxtrain
+             but leaf
     engine   config mesh state step optim checkpoint trainer writers hooks task evaluator
              workdir loss_scale -> leaf (never a task, model, loss, data, hf or LoRA module)
     losses, metrics  -> leaf            models -> leaf, models        hf -> leaf, models, hf
     data     -> leaf, config, data (never a model)
     tasks    tasks/*, evaluators/*, lora, grad_cache, weights, generate/* -> all of the above
-    face     main, api, cli, export/*, sweep/*, lr_find, generate/cli, generate/__main__, the
-             package root -> anything
+    face     main, api, cli, export/*, sweep/*, lr_find, report, run_end, generate/cli,
+             generate/__main__, the package root -> anything
 
 Also: no import cycles between modules, no private name (`_x`) imported from or read off another
 module, and no module imports the package root. A new module must be given a layer here.
@@ -25,10 +26,10 @@ import pytest
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jaxtrain")
 
 LAYERS = {
-    "leaf": ["errors", "registry", "axes", "tree", "tokenizer_files"],
+    "leaf": ["errors", "registry", "axes", "tree", "tokenizer_files", "hub", "file_modes"],
     "engine": ["config", "mesh", "state", "step", "optim", "checkpoint", "trainer", "writers",
                "hooks", "task", "evaluator", "workdir", "loss_scale", "offload", "memory",
-               "prefetch"],
+               "prefetch", "trackers", "epochs", "console"],
     "losses": ["losses"],
     "metrics": ["metrics"],
     "models": ["models"],
@@ -36,6 +37,7 @@ LAYERS = {
     "data": ["data"],
     "tasks": ["tasks", "evaluators", "lora", "grad_cache", "weights", "generate"],
     "face": ["__init__", "main", "api", "cli", "export", "sweep", "lr_find", "generate.cli",
+             "report", "run_end",
              "data.prepare",
              "generate.__main__"],
 }

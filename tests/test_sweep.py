@@ -7,6 +7,8 @@ import math
 import os
 import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,8 @@ from jaxtrain.sweep import (
     trial_plan,
     workers_from_env,
 )
+from jaxtrain.sweep import report as report_lib
+from jaxtrain.sweep import runner as runner_lib
 from tests import toy_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -352,6 +356,67 @@ def test_a_metric_the_task_does_not_record_is_an_error_then_fixable(tmp_path, ru
     assert result.trials[0].status == "complete" and result.trials[0].value > 0
 
 
+@pytest.mark.parametrize("value, seconds", [
+    (90, 90.0), ("90", 90.0), ("45s", 45.0), ("30m", 1800.0), ("2h", 7200.0),
+    ("1h30m", 5400.0), ("1.5h", 5400.0), (None, None), ("", None)])
+def test_timeout_accepts_seconds_and_durations(value, seconds):
+    assert runner_lib.parse_timeout(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["2 hours", "-5", 0, "h", "30x", "1h-5m"])
+def test_a_bad_timeout_is_an_error_naming_the_forms(value):
+    with pytest.raises(SweepError, match=r"--timeout must be .* like '2h', '30m', '1h30m'"):
+        runner_lib.parse_timeout(value)
+
+
+@pytest.mark.slow
+def test_timeout_stops_the_trial_in_flight_with_a_checkpoint_and_writes_the_table(
+        tmp_path, runs, monkeypatch):
+    """The clock advances one second per train step: with --timeout=6 trial 0 (4 steps)
+    completes, trial 1 stops after its step 2 (the first step ending at/after 6 s) with a
+    checkpoint, trial 2 does not start; a re-run resumes trial 1 at step 3."""
+    steps = [0]
+    original = trainer_lib.Trainer.compiled_step
+
+    def compiled_step(self, state, batch):
+        steps[0] += 1
+        return original(self, state, batch)
+
+    monkeypatch.setattr(trainer_lib.Trainer, "compiled_step", compiled_step)
+    clock = types.SimpleNamespace(monotonic=lambda: float(steps[0]),
+                                  perf_counter=time.perf_counter)
+    monkeypatch.setattr(runner_lib, "time", clock)
+    monkeypatch.setattr(report_lib, "time", clock)
+    space = grid({"optim.lr": {"values": [1e-2, 2e-2, 3e-2]}})
+    base = toy(train__steps=4, eval__every=2, checkpoint__every=4)
+    result = run_sweep(base, space, tmp_path, timeout="6s")
+
+    assert result.timed_out and result.ran == [0, 1] and not result.finished
+    assert runs == [("trial_0000", 1), ("trial_0001", 1)]
+    assert [(t.index, t.status, t.final_step) for t in result.trials] == [
+        (0, "complete", 4), (1, "timeout", 2)]
+    assert (tmp_path / "trial_0001/checkpoints/2").is_dir()  # stopped as a preemption would
+    assert not (tmp_path / "trial_0002").exists()
+    record = trial_json(tmp_path, 1)
+    assert record["status"] == "timeout" and "finished_at" not in record
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["trial"], r["status"], r["optim.lr"]) for r in rows] == [
+        ("0", "complete", "0.01"), ("1", "timeout", "0.02")]
+    assert rows[0]["eval/val/loss"] and not rows[1]["eval/val/loss"]
+    # each trial is a run named <sweep>/trial_<NNNN>, grouped by the sweep in W&B
+    for i in (0, 1):
+        cfg = json.loads((tmp_path / f"trial_{i:04d}/config.json").read_text())
+        assert cfg["run_name"] == f"{tmp_path.name}/trial_{i:04d}"
+        assert cfg["logging"]["wandb_group"] == tmp_path.name
+
+    runs.clear()
+    result = run_sweep(base, space, tmp_path)  # no timeout: resume trial 1, then trial 2
+    assert runs == [("trial_0001", 3), ("trial_0002", 1)]
+    assert result.finished and not result.timed_out
+    assert sorted(t.status for t in result.trials) == ["complete"] * 3
+
+
 def test_command_line_end_to_end(tmp_path):
     (tmp_path / "toy_config.py").write_text(
         "from tests import toy_task\n\n\ndef get_config():\n    c = toy_task.config()\n"
@@ -368,7 +433,7 @@ def test_command_line_end_to_end(tmp_path):
                               env=os.environ.copy())
 
     proc = cli(f"--config={tmp_path}/toy_config.py", f"--sweep={tmp_path}/toy_sweep.py",
-               f"--workdir={workdir}", "--max_trials=1")
+               f"--workdir={workdir}", "--max_trials=1", "--timeout=1h")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Sweep results" in proc.stderr and "Best: trial 0" in proc.stderr
     assert "re-run the same command to continue" in proc.stderr

@@ -78,6 +78,9 @@ class RegressionTask(Task):
         return Source(d.examples if split == "train" else 100, self.config.model.dim,
                       self.config.seed + (split == "eval"), nan=d.nan and split == "train")
 
+    def num_train_examples(self):
+        return self.config.data.examples
+
     def train_iterator(self, *, seed, batch_size, process_index, process_count):
         return pipeline.train_iterator(self._source("train"), batch_size=batch_size, seed=seed,
                                        process_index=process_index, process_count=process_count)

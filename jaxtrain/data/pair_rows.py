@@ -222,16 +222,18 @@ def train_iterator(
     process_count: int = 1,
     tokenizer: TextTokenizer | None = None,
     prefixes: Mapping[str, str] | None = None,
+    built: tuple[Sequence, RowPreparer] | None = None,
 ) -> grain.DatasetIterator:
     """Endless training batches of this host (``batch_size`` rows, per host), resumable.
 
     Semantics of :func:`jaxtrain.data.pipeline.train_iterator`: the global order is the same
     on any number of hosts, reshuffled every epoch, and ``get_state()/set_state()`` resume
-    exactly (augmentation included; with ``data.workers > 0`` too).
+    exactly (augmentation included; with ``data.workers > 0`` too). ``built``: the training
+    part's :func:`build_rows` (same settings), when the caller already has it.
     """
-    rows, preparer = build_rows(data_cfg, which="train", mode=mode, num_negatives=num_negatives,
-                                image_size=image_size, text_max_len=text_max_len, seed=seed,
-                                tokenizer=tokenizer, prefixes=prefixes)
+    rows, preparer = built or build_rows(
+        data_cfg, which="train", mode=mode, num_negatives=num_negatives, image_size=image_size,
+        text_max_len=text_max_len, seed=seed, tokenizer=tokenizer, prefixes=prefixes)
     return pipeline.train_iterator(
         rows, batch_size=batch_size, seed=seed, process_index=process_index,
         process_count=process_count, row_map=dataclasses.replace(preparer, seed=seed),

@@ -10,7 +10,9 @@ A source is named by one string (``data.name``, ``data.source``, ``zero_shot.nam
   splits), or any folder ``datasets.load_dataset`` reads: data files of one format (each
   ``.txt`` file one example), an ``imagefolder`` (images + ``metadata.jsonl``), split folders
   or split-named files (``train.jsonl``, ``validation.jsonl``);
-- any other name: a Hugging Face hub dataset and its splits (the network or a warm cache).
+- any other name: a Hugging Face hub dataset and its splits (the network or a warm cache);
+- ``'<in-memory>'``: rows passed in code, ``jaxtrain.train(..., train_data=...)``
+  (:mod:`jaxtrain.data.in_memory`, :mod:`jaxtrain.data.memory_source`).
 
 ``open_source(name).read(split)`` gives the examples of a split, a ``datasets.Dataset`` or a
 sequence of dicts, or None when the source has no such split. A source has splits of its own
@@ -61,6 +63,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Union
 import numpy as np
 
 from jaxtrain.data import file_lines
+from jaxtrain.data.memory_source import lookup
 from jaxtrain.data.sanity import BadRows, check_policy
 from jaxtrain.errors import ConfigError
 from jaxtrain.tokenizer_files import hub_offline, looks_like_path
@@ -443,6 +446,9 @@ def open_source(name: str, *, builtins: Mapping[str, Source] | None = None,
     a hub dataset (module docstring). Nothing is read yet. ``on_bad_row``: what a local file's
     unparseable lines do ('error' | 'skip', :mod:`jaxtrain.data.sanity`); ``subset``: the
     dataset config (module docstring)."""
+    in_memory = lookup(name)  # rows passed in code (train_data=, eval_data=)
+    if in_memory is not None:
+        return in_memory
     builtins = builtins or {}
     if name in builtins:
         if subset:

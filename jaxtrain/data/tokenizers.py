@@ -9,9 +9,11 @@
   text (the markers are not added to the vocabulary, which stays exactly GPT-2's).
 - ``"shapes-wordpiece"``: a BERT WordPiece tokenizer of the shapes captions' words (and ASCII
   characters), built in memory (:mod:`jaxtrain.data.wordpiece`): BERT towers on built-in data.
-- a local directory written by ``save_pretrained``, or a Hugging Face hub name (needs the network
-  or a warm HF cache): :func:`jaxtrain.tokenizer_files.load_pretrained_tokenizer`, the one loader
-  that the Hugging Face checkpoint converters use too.
+- a local directory written by ``save_pretrained``, or a Hugging Face Hub id (its snapshot in
+  the Hub cache, downloaded unless ``HF_HUB_OFFLINE=1``: :func:`jaxtrain.hub.resolve`; offline
+  and not cached, a ConfigError that says how to download it), then loaded by
+  :func:`jaxtrain.tokenizer_files.load_pretrained_tokenizer`, the one loader that the Hugging
+  Face checkpoint converters use too.
 
 By default (``strict=True``, what the language-model data needs) the tokenizer must be a fast
 (Rust-backed) one with an eos token: the data code needs the offset mapping of fast tokenizers
@@ -36,6 +38,7 @@ from jaxtrain.data.sources import package_dir
 from jaxtrain.data.wordpiece import NAME as SHAPES_WORDPIECE
 from jaxtrain.data.wordpiece import shapes_wordpiece
 from jaxtrain.errors import ConfigError
+from jaxtrain.hub import TOKENIZER_PATTERNS, resolve
 from jaxtrain.tokenizer_files import load_pretrained_tokenizer
 
 if TYPE_CHECKING:
@@ -82,7 +85,10 @@ def load_tokenizer(name: str, *, strict: bool = True) -> Any:
         return _builtin_gpt2()
     if name == SHAPES_WORDPIECE:
         return shapes_wordpiece()
-    tok = load_pretrained_tokenizer(name, builtin=BUILTIN_TOKENIZER)
+    path = resolve(name, "data.tokenizer", allow_patterns=TOKENIZER_PATTERNS,
+                   local="a tokenizer directory written by `save_pretrained`",
+                   not_local=f"neither the built-in {BUILTIN_TOKENIZER!r} nor a local directory")
+    tok = load_pretrained_tokenizer(path, builtin=BUILTIN_TOKENIZER)
     if strict and not getattr(tok, "is_fast", False):
         raise ValueError(
             f"The tokenizer {name!r} loaded as the slow {type(tok).__name__}; jaxtrain needs a "

@@ -31,12 +31,18 @@ The bundle (`--out`, see :func:`export_bundle`)::
                           source of :mod:`jaxtrain.export.runner`)
     example_inputs.npz    stablehlo: the verification inputs; example_outputs.npz: the
                           in-memory outputs for them (<= 4096 sampled values per output)
-    hf/                   hf: a `transformers` directory (config.json + model.safetensors)
+    hf/                   hf: a `transformers` directory (config.json + model.safetensors; a
+                          language model's tokenizer files, with the chat template of a chat
+                          SFT or DPO run: :mod:`~jaxtrain.export.tokenizer`)
     export.json           what was exported from which checkpoint, and each format's check
 
 Every format is verified after writing (reloaded and compared with the in-memory model); the
 bundle is written to a temporary directory next to `--out` and moved into place only when all
 checks pass, so a failed export leaves nothing behind.
+
+`--hf_out=DIR` writes that `hf/` directory at DIR itself, the same way (verified, moved into
+place; :func:`~jaxtrain.export.hf_dir.export_hf_dir`). `export.at_end` runs these exports when
+training finishes (:mod:`~jaxtrain.export.at_end`).
 
 `--format=sentence-transformers` (alone) writes an `embedder` run (bert or causal llama text
 tower) as a folder `sentence_transformers.SentenceTransformer(path)` loads, checked by comparing
@@ -53,6 +59,7 @@ from jaxtrain.export.bundle import FORMATS, export_bundle, parse_formats
 from jaxtrain.export.checks import ExportError, ExportVerificationError
 from jaxtrain.export.cli import cli
 from jaxtrain.export.hf import export_hf
+from jaxtrain.export.hf_dir import export_hf_dir
 from jaxtrain.export.inference import inference_task
 from jaxtrain.export.params import (
     export_params,
@@ -65,7 +72,7 @@ from jaxtrain.export.stablehlo import PLATFORMS, default_platforms, export_stabl
 
 __all__ = [
     "FORMATS", "PLATFORMS", "ExportError", "ExportVerificationError", "cli", "default_platforms",
-    "export_bundle", "export_hf", "export_params", "export_sentence_transformers",
+    "export_bundle", "export_hf", "export_hf_dir", "export_params", "export_sentence_transformers",
     "export_stablehlo", "flatten_params",
     "inference_task", "load_exported", "load_safetensors", "parse_formats", "save_safetensors",
 ]

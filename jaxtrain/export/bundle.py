@@ -46,7 +46,7 @@ def check_out(out: str, overwrite: bool) -> None:
                           "pass --overwrite (overwrite=True) to replace it.")
 
 
-def _checkpoint_step(path: str) -> int | None:
+def checkpoint_step(path: str) -> int | None:
     """The step of the checkpoint read_state reads (for export.json)."""
     if os.path.isdir(os.path.join(path, "state")):
         name = os.path.basename(os.path.normpath(path))
@@ -72,7 +72,7 @@ def move_into_place(tmp: str, out: str) -> None:
         os.replace(tmp, out)
 
 
-def _write_json(path: str, content: Any) -> None:
+def write_json(path: str, content: Any) -> None:
     with open(path, "w") as f:
         json.dump(content, f, indent=2)
         f.write("\n")
@@ -130,7 +130,7 @@ def export_bundle(
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
     try:
-        _write_json(os.path.join(tmp, "config.json"), config)
+        write_json(os.path.join(tmp, "config.json"), config)
         checks: dict[str, Any] = {}
         if "safetensors" in formats or "stablehlo" in formats:
             from safetensors.numpy import load_file
@@ -145,9 +145,9 @@ def export_bundle(
                                                    seq_len=seq_len, platforms=platforms)
         if "hf" in formats:
             checks["hf"] = export_hf(os.path.join(tmp, "hf"), family, task.model_config,
-                                     params, hf_options)
+                                     params, hf_options, task=task)
         manifest = {
-            "workdir": os.path.abspath(workdir), "step": _checkpoint_step(workdir),
+            "workdir": os.path.abspath(workdir), "step": checkpoint_step(workdir),
             "task": config["task"], "formats": list(formats),
             "lora_merged": bool(config.get("lora", {}).get("rank")),
             "dtype": dtype or "as trained",
@@ -155,7 +155,7 @@ def export_bundle(
         }
         if "model_type" in hf_options:
             manifest["hf_model_type"] = hf_options["model_type"]
-        _write_json(os.path.join(tmp, "export.json"), manifest)
+        write_json(os.path.join(tmp, "export.json"), manifest)
         move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -14,8 +14,7 @@ from absl import app, flags, logging
 
 from jaxtrain.export.bundle import FORMATS, export_bundle
 from jaxtrain.export.checks import ExportError, ExportVerificationError
-from jaxtrain.export.hf import check_hf_format, save_hf, save_options
-from jaxtrain.export.inference import inference_task
+from jaxtrain.export.hf_dir import export_hf_dir
 from jaxtrain.export.params import SAVE_DTYPES, cast_params, export_params, save_dtype
 from jaxtrain.export.sentence_transformers import FORMAT as ST_FORMAT
 from jaxtrain.weights import read_run
@@ -40,9 +39,10 @@ def _define_flags() -> dict[str, Any]:
                                        "platforms (cpu, cuda, rocm, tpu); default: cpu and "
                                        "this machine's."),
         "overwrite": flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty "
-                                       "--out."),
+                                       "--out or --hf_out."),
         "hf_out": flags.DEFINE_string("hf_out", None, "Write a Hugging Face model directory "
-                                      "here."),
+                                      "here (a language model's with its tokenizer and chat "
+                                      "template), verified like --format=hf."),
         "model_type": flags.DEFINE_enum("model_type", "llama", ["llama", "qwen2", "mistral"],
                                         "Hugging Face architecture of a language model "
                                         "(--hf_out, --format=hf)."),
@@ -103,26 +103,20 @@ def cli(
     elif not (hf_out or params_out or adapters_out):
         raise app.UsageError("Give --format=... --out=DIR (a bundle), or at least one of "
                              "--hf_out, --params_out, --adapters_out.")
-    if not (hf_out or params_out or adapters_out):
-        return
-    config, params = read_run(workdir)
-    if hf_out or params_out:
-        try:
-            name = save_dtype(dtype, config)
-            params = cast_params(params, name)
-        except ExportError as e:
-            sys.exit(f"jaxtrain.export: {e}")
     if hf_out:
         try:
-            task = inference_task(config)
-            family = check_hf_format(task)
-            options = save_options(family, task, model_type, name)
-            save_hf(hf_out, family, task.model_config, params, options)
-        except ExportError as e:
+            export_hf_dir(workdir, hf_out, model_type=model_type, overwrite=overwrite,
+                          dtype=dtype)
+        except (ExportError, ExportVerificationError, FileNotFoundError) as e:
             sys.exit(f"jaxtrain.export: --hf_out: {e}")
-        logging.info("Wrote a Hugging Face %s to %s%s", family.title, hf_out,
-                     f" ({options['model_type']})" if "model_type" in options else "")
+    if not (params_out or adapters_out):
+        return
+    config, params = read_run(workdir)
     if params_out:
+        try:
+            params = cast_params(params, save_dtype(dtype, config))
+        except ExportError as e:
+            sys.exit(f"jaxtrain.export: {e}")
         logging.info("Wrote merged params to %s", export_params(params_out, params, config))
     if adapters_out:
         import ml_collections

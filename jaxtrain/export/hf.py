@@ -139,12 +139,22 @@ def save_hf(path: str, family: ModelFamily, cfg: Any, params: Any,
 
 
 def export_hf(path: str, family: ModelFamily, cfg: Any, params: Any,
-              options: Mapping[str, Any] | None = None, seed: int = 0) -> dict:
+              options: Mapping[str, Any] | None = None, seed: int = 0,
+              task: Task | None = None) -> dict:
     """A Hugging Face directory of the model (``family``, ``cfg``, ``params``; ``options``: its
     ``save_hf``'s, see :func:`save_options`), checked: loaded with ``transformers`` (torch) and
     its outputs compared with ours (within 1e-3 relative and 1e-3 (1 + max |ours|) absolute),
-    or, without torch, reloaded with the family's ``load_hf`` and its params compared."""
+    or, without torch, reloaded with the family's ``load_hf`` and its params compared. With
+    the run's ``task``, a language model's tokenizer and chat template are written beside it
+    and checked (:func:`jaxtrain.export.tokenizer.save_tokenizer`)."""
     save_hf(path, family, cfg, params, options or {})
+    extra: dict[str, Any] = {}
+    if task is not None:
+        from jaxtrain.export.tokenizer import save_tokenizer
+
+        written = save_tokenizer(path, family, task)
+        if written:
+            extra["tokenizer"] = written
     module = family.hf()
     if not torch_available() or not hasattr(module, "transformers_outputs"):
         _, loaded = family.load_hf(path)
@@ -152,7 +162,7 @@ def export_hf(path: str, family: ModelFamily, cfg: Any, params: Any,
                              flatten_params(params), atol=1e-6)
         why = "torch not installed" if not torch_available() else \
             f"{family.hf_module} has no transformers_outputs"
-        return {"checked": f"params (load_hf; {why})", "max_abs_diff": diff}
+        return {"checked": f"params (load_hf; {why})", "max_abs_diff": diff, **extra}
     with quiet_transformers():
         ours, theirs = module.transformers_outputs(path, cfg, params, seed=seed)
     worst = 0.0
@@ -160,4 +170,4 @@ def export_hf(path: str, family: ModelFamily, cfg: Any, params: Any,
         worst = max(worst, verify_outputs("hf", f"transformers' model in {path}",
                                           {name: theirs[name]}, {name: ref}, 1e-3,
                                           _hf_tol(ref)))
-    return {"checked": "outputs (transformers, torch)", "max_abs_diff": worst}
+    return {"checked": "outputs (transformers, torch)", "max_abs_diff": worst, **extra}

@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxtrain.export.checks import ExportError
+from jaxtrain.file_modes import save_safetensors as save_safetensors_file
 from jaxtrain.tree import nest, path_str
 
 # --dtype's values -> dtype names; the full names (checkpoint.save_dtype's) are accepted too
@@ -84,10 +85,10 @@ def flatten_params(params: Any) -> dict[str, np.ndarray]:
 def save_safetensors(path: str, params: Any) -> dict[str, np.ndarray]:
     """`params` flattened by path into one safetensors file; returns the flat dict."""
     import ml_dtypes  # noqa: F401  (bfloat16 leaves)
-    from safetensors.numpy import save_file
 
     flat = flatten_params(params)
-    save_file(flat, path, metadata={"format": "jaxtrain", "layout": "'/'-joined param paths"})
+    save_safetensors_file(flat, path, metadata={"format": "jaxtrain",
+                                                "layout": "'/'-joined param paths"})
     return flat
 
 

@@ -203,8 +203,7 @@ def write_folder(path: str, cfg: Any, params: Mapping[str, Any], tokenizer: str,
         "include_prompt": True,
     })
     if cfg.embed_dim:
-        from safetensors.numpy import save_file
-
+        from jaxtrain.file_modes import save_safetensors as save_file  # mode 0644
         from jaxtrain.hf.files import to_numpy
 
         dense = add("Dense")

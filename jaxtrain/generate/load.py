@@ -26,6 +26,7 @@ from typing import Any
 
 from jaxtrain.checkpoint import read_meta, saved_steps
 from jaxtrain.errors import ConfigError
+from jaxtrain.hub import resolve
 from jaxtrain.models.registry import CAUSAL_LM, ModelFamily, family_for_hf_dir
 from jaxtrain.weights import is_hf_dir, read_run, run_family
 
@@ -104,6 +105,7 @@ def run_model_config(config: Mapping[str, Any], family: ModelFamily) -> Any:
     init_from = config.get("init_from") or ""
     if not init_from:
         return family.config(config["model"])
+    init_from = resolve(init_from, "init_from")  # a Hub id: its snapshot in the Hub cache
     if not os.path.exists(init_from):
         raise ConfigError(f"The run started from init_from={init_from!r}, which gives the model "
                           "its shape, and that path no longer exists: restore it.")

@@ -154,7 +154,7 @@ def write_state(path: str, state: dict[str, np.ndarray], max_shard_bytes: int) -
     """`state` as `model.safetensors`, or, when larger than `max_shard_bytes`, as numbered shards
     (`model-00001-of-00003.safetensors`, ...) + their index; weight files of an earlier save in
     `path` are removed."""
-    from safetensors.numpy import save_file
+    from jaxtrain.file_modes import save_safetensors as save_file  # mode 0644, not 0600
 
     os.makedirs(path, exist_ok=True)
     for name in os.listdir(path):

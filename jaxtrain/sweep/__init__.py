@@ -2,7 +2,7 @@
 
     python -m jaxtrain.sweep --config=configs/clip.py:runlocal --sweep=sweeps/clip_lr.py
         [--workdir=runs/sweep_clip_lr] [--worker=I --num_workers=N] [--max_trials=K]
-        [--config.KEY=VALUE ...]
+        [--timeout=2h] [--config.KEY=VALUE ...]
     python -m jaxtrain.sweep --workdir=runs/sweep_clip_lr --results     # the table, no training
 
     result = run_sweep(config, "sweeps/clip_lr.py", "runs/sweep_clip_lr")   # SweepResult
@@ -25,9 +25,9 @@ A sweep file is a Python file whose ``get_sweep()`` returns a dict (or ConfigDic
 
 Each trial is an ordinary :class:`jaxtrain.Trainer` run (the config validated as usual) on a copy
 of the config with the trial's values, in ``<workdir>/trial_<NNNN>/``, which also holds
-``config.json`` and ``trial.json`` (index, worker, params, status ``running`` | ``complete`` |
-``early_stopped`` | ``failed``, metric value, best step, error, and ``progress``: the step and
-best value so far, updated at each evaluation by the trial's hook,
+``config.json`` and ``trial.json`` (index, worker, params, status ``running`` | ``timeout`` |
+``complete`` | ``early_stopped`` | ``failed``, metric value, best step, error, and
+``progress``: the step and best value so far, updated at each evaluation by the trial's hook,
 :class:`~jaxtrain.sweep.report.TrialReportHook`, which also reports each value to a bayes trial).
 The trial's value is the best value of ``metric`` over the run's evaluations (max or min by
 ``mode``; the config's own ``checkpoint.best_metric`` and early stopping are left as the user set
@@ -60,6 +60,11 @@ memory, ...) is ``failed`` with the error in trial.json, and the sweep goes on; 
 3 trials in a row fail with the same error (a bug or a missing file, not the hyperparameters)
 and when a checkpoint cannot be written. ``results.csv`` is rebuilt from every ``trial.json`` (all
 workers') after each trial: ranked by the metric, unfinished trials after, failed ones last.
+
+``--timeout`` (``run_sweep(timeout=...)``: seconds, ``'2h'``, ``'30m'``, ``'1h30m'``) is the
+call's wall-clock budget: no trial starts after it; the trial in flight stops at the first step
+ending after it, with a checkpoint, status ``timeout`` (resumed by a re-run). Trials run as
+``<sweep>/trial_<NNNN>`` in every tracker, grouped by the sweep (:mod:`jaxtrain.trackers`).
 
 Modules: :mod:`~jaxtrain.sweep.spec` (the sweep file and its checks), :mod:`~jaxtrain.sweep.space`
 (the search space, each trial's values), :mod:`~jaxtrain.sweep.runner` (running a worker's

@@ -75,8 +75,9 @@ class BayesStudy:
                    and not (retry_failed and t.state == self.states.FAIL))
 
     def tell(self, number: int, status: str, value: float | None) -> None:
-        """Tell the study trial `number`'s outcome (nothing while it is still `running`)."""
-        if status == "running":
+        """Tell the study trial `number`'s outcome (nothing while it is still `running`, or
+        stopped by the sweep's `timeout`: a re-run resumes it)."""
+        if status in ("running", "timeout"):
             return
         if status == "failed":
             self.study.tell(number, state=self.states.FAIL)

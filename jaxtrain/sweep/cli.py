@@ -2,11 +2,13 @@
 
     python -m jaxtrain.sweep --config=configs/clip.py:runlocal --sweep=sweeps/clip_lr.py
         [--workdir=runs/sweep_clip_lr] [--worker=I --num_workers=N] [--max_trials=K]
-        [--retry_failed] [--config.KEY=VALUE ...]
+        [--retry_failed] [--timeout=2h] [--config.KEY=VALUE ...]
     python -m jaxtrain.sweep --workdir=runs/sweep_clip_lr --results     # the table, no training
 
 Besides its own flags it takes :mod:`jaxtrain.cli`'s run flags. Default workdir:
-`runs/sweep_<sweep file name>`. Exit codes (:mod:`jaxtrain.cli`'s): 0 done (or trials left to
+`runs/sweep_<sweep file name>`. `--timeout` bounds the call's wall-clock time (no trial starts
+after it; the one in flight stops with a checkpoint, status `timeout`; exit 0, re-run to
+continue). Exit codes (:mod:`jaxtrain.cli`'s): 0 done (or trials left to
 other workers / a later call); 2 a bad config or sweep file; 3 every trial failed, the same error
 three times in a row, or a checkpoint could not be written; 42 preempted (re-run to continue).
 """
@@ -20,7 +22,7 @@ from typing import Any
 from absl import app, flags, logging
 
 from jaxtrain import cli
-from jaxtrain.sweep.results import load_results
+from jaxtrain.sweep.results import FINISHED, load_results
 from jaxtrain.sweep.runner import RepeatedFailureError, run_sweep, workers_from_env
 from jaxtrain.sweep.space import format_params
 
@@ -45,6 +47,10 @@ def _define_flags() -> dict[str, Any]:
                                           "hyperparameters)."),
         "results": flags.DEFINE_bool("results", False, "Print the results table of --workdir "
                                      "and exit."),
+        "timeout": flags.DEFINE_string("timeout", None, "Wall-clock budget of this call: "
+                                       "seconds, or '2h', '30m', '1h30m'. No trial starts "
+                                       "after it; the one in flight stops with a checkpoint "
+                                       "(re-run to continue)."),
     }
 
 
@@ -74,7 +80,7 @@ def main(argv: list[str], run_flags: cli.RunFlags, own: dict[str, Any]) -> int:
         num_workers = env_workers if f["num_workers"] is None else f["num_workers"]
         result = run_sweep(run_flags.config.value, f["sweep"], workdir, worker=worker,
                            num_workers=num_workers, max_trials=f["max_trials"],
-                           retry_failed=f["retry_failed"])
+                           retry_failed=f["retry_failed"], timeout=f["timeout"])
     except RepeatedFailureError as e:
         logging.error("%s: %s", type(e).__name__, e)
         return cli.EXIT_RUN_FAILED
@@ -91,7 +97,14 @@ def main(argv: list[str], run_flags: cli.RunFlags, own: dict[str, Any]) -> int:
         logging.error("Every trial failed; the first: %s. Fix the cause, then re-run with "
                       "--retry_failed.", result.trials[0].error)
         return cli.EXIT_RUN_FAILED
-    if not result.finished:
+    if result.timed_out:
+        stopped = [t.index for t in result.trials if t.status == "timeout"]
+        left = result.size - len([t for t in result.trials if t.status in FINISHED])
+        logging.info("Sweep stopped at its --timeout=%s: %s; %d trial(s) not finished. Re-run "
+                     "the same command to continue.", f["timeout"],
+                     f"trial(s) {stopped} stopped with a checkpoint" if stopped else
+                     "no trial was stopped mid-run", left)
+    elif not result.finished:
         logging.info("Trials still to run or running (other workers, or --max_trials): re-run "
                      "the same command to continue.")
     if result.best is not None:

@@ -30,7 +30,7 @@ class Trial:
     """One trial, as its trial.json records it."""
 
     index: int
-    status: str  # running | complete | early_stopped | failed
+    status: str  # running | timeout (stopped by the sweep's timeout) | complete | ... | failed
     params: dict[str, Any]
     value: float | None = None  # best `metric` over the run's evaluations
     best_step: int | None = None
@@ -59,6 +59,7 @@ class SweepResult:
     parameters: list[str]
     ran: list[int] = dataclasses.field(default_factory=list)
     preempted: bool = False
+    timed_out: bool = False  # the sweep's timeout stopped a trial or kept one from starting
 
     @property
     def best(self) -> Trial | None:

@@ -8,6 +8,14 @@ status, value, best step and error. Workers split grid / random trials by index 
 bayes workers ask the shared Optuna study (:mod:`jaxtrain.sweep.bayes`). A failed trial is a
 result and the sweep goes on, until :data:`REPEATED_FAILURES` in a row fail with the same error
 or a checkpoint cannot be written.
+
+``timeout`` (seconds, or ``'2h'``, ``'30m'``, ``'1h30m'``, ``'45s'``) is a wall-clock budget
+for this call: no trial starts after it, and the trial in flight stops at the first step that
+ends after it, with a checkpoint, as a preemption would. That trial's status is ``timeout``
+(not finished: re-running the sweep resumes it there); the results table and results.csv are
+written as after any trial. Each trial's run name is ``<sweep>/trial_<NNNN>`` (``<sweep>`` =
+the config's ``run_name`` or the sweep workdir's folder name), and the W&B group the sweep's
+name (unless ``logging.wandb_group`` is set), so trackers show the trials together.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import dataclasses
 import datetime
 import gc
 import os
+import re
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -43,6 +52,7 @@ from jaxtrain.sweep.spec import SweepError, load_sweep
 from jaxtrain.sweep.workdir import record_sweep
 from jaxtrain.task import Task
 from jaxtrain.tasks import get_task
+from jaxtrain.trackers import run_name
 
 REPEATED_FAILURES = 3  # this many trials in a row failing with one same error stop the sweep
 
@@ -56,7 +66,7 @@ class RepeatedFailureError(RuntimeError):
 class Outcome:
     """How one call of a trial ended: its status (`running` when preempted) and value."""
 
-    status: str
+    status: str  # FINISHED's, `running` (preempted) or `timeout` (stopped at the deadline)
     value: float | None = None
     best_step: int | None = None
     preempted: bool = False
@@ -68,7 +78,8 @@ class TrialRunner:
 
     def __init__(self, config: ml_collections.ConfigDict, sweep: Sweep, workdir: str,
                  worker: int, num_workers: int, task: type[Task] | None,
-                 devices: list[jax.Device] | None, max_trials: int | None, retry_failed: bool):
+                 devices: list[jax.Device] | None, max_trials: int | None, retry_failed: bool,
+                 deadline: float | None = None):
         self.config, self.sweep, self.workdir = config, sweep, workdir
         self.worker, self.num_workers = worker, num_workers
         self.task, self.devices, self.max_trials = task, devices, max_trials
@@ -76,11 +87,27 @@ class TrialRunner:
         self.ran: list[int] = []
         self.errors: list[str] = []  # of the trials that failed in a row, most recent last
         self.preempted = False
+        self.deadline = deadline  # time.monotonic() of the --timeout, or None
+        self.timed_out = False  # the deadline stopped a trial, or kept one from starting
+        self.name = run_name(config, workdir)  # the sweep's; trials are <name>/trial_<NNNN>
 
     def budget_left(self) -> bool:
-        """Neither preempted nor at `max_trials` trials in this call."""
-        return not self.preempted and (self.max_trials is None
-                                       or len(self.ran) < self.max_trials)
+        """Not preempted, not past the deadline, and not at `max_trials` trials in this
+        call."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self.timed_out = True
+        return not self.preempted and not self.timed_out and (
+            self.max_trials is None or len(self.ran) < self.max_trials)
+
+    def trial_config(self, index: int, params: dict[str, Any]) -> ml_collections.ConfigDict:
+        """The base config with the trial's values, its run name and tracker group."""
+        cfg = apply_params(self.config, params)
+        with cfg.unlocked():
+            if "run_name" in cfg:
+                cfg.run_name = f"{self.name}/{os.path.basename(trial_dir('', index))}"
+            if "logging" in cfg and not cfg.logging.get("wandb_group"):
+                cfg.logging.wandb_group = self.name
+        return cfg
 
     def run_trial(self, index: int, params: dict[str, Any],
                   report: Callable[[float, int], None] | None = None) -> Outcome:
@@ -102,9 +129,10 @@ class TrialRunner:
                      format_params(params))
         t0 = time.perf_counter()
         outcome = Outcome("failed")
-        hook = TrialReportHook(self.sweep.metric, self.sweep.mode, path, record, report)
+        hook = TrialReportHook(self.sweep.metric, self.sweep.mode, path, record, report,
+                               deadline=self.deadline)
         try:
-            cfg = apply_params(self.config, params)
+            cfg = self.trial_config(index, params)
             with open(os.path.join(tdir, "config.json"), "w") as f:
                 f.write(cfg.to_json_best_effort(indent=2))
             result = Trainer(cfg, tdir, task=self.task, devices=self.devices,
@@ -119,6 +147,13 @@ class TrialRunner:
             if result.preempted:
                 self.preempted = True
                 outcome = Outcome("running", preempted=True)
+            elif hook.timed_out:
+                self.timed_out = True
+                record["final_step"] = result.final_step
+                outcome = Outcome("timeout")
+                logging.info("Sweep: trial %d stopped at step %d by the sweep's timeout, with a "
+                             "checkpoint; re-running the sweep resumes it.", index,
+                             result.final_step)
             else:
                 value, step = self.score(result.metrics, index)
                 record.update(final_step=result.final_step, value=value, best_step=step)
@@ -133,7 +168,7 @@ class TrialRunner:
             gc.collect()
         record["status"] = outcome.status
         record["wall_seconds"] = record["wall_seconds"] + time.perf_counter() - t0
-        if outcome.status != "running":
+        if outcome.status in FINISHED:
             record["finished_at"] = _now()
         write_json(path, record)
         logging.info("Sweep: trial %d %s%s", index, outcome.status,
@@ -237,6 +272,7 @@ def run_sweep(
     devices: list[jax.Device] | None = None,
     max_trials: int | None = None,
     retry_failed: bool = False,
+    timeout: float | str | None = None,
 ) -> SweepResult:
     """Run (or continue) this worker's share of a sweep; return every trial's result so far.
 
@@ -245,9 +281,14 @@ def run_sweep(
     `<workdir>/trial_<NNNN>/` (`task` and `devices` go to the Trainer). `max_trials` stops after
     that many trials (started or resumed) in this call; re-running continues the sweep.
     `retry_failed` runs failed trials again (grid / random: in their directories, resuming any
-    checkpoint; bayes: new trials are asked in place of the failed ones). Raises
-    RepeatedFailureError when 3 trials in a row fail with the same error.
+    checkpoint; bayes: new trials are asked in place of the failed ones). `timeout` (seconds,
+    or '2h' / '30m' / '1h30m' / '45s') bounds this call's wall-clock time: no trial starts after
+    it and the one in flight stops with a checkpoint (status `timeout`, resumed by a re-run);
+    the result's `timed_out` says so. Raises RepeatedFailureError when 3 trials in a row fail
+    with the same error.
     """
+    seconds = parse_timeout(timeout)
+    deadline = None if seconds is None else time.monotonic() + seconds
     if not (0 <= worker < num_workers):
         raise SweepError(f"--worker must be in [0, --num_workers={num_workers}); got {worker}.")
     task or get_task(config.task)  # an unknown task fails here, not once per trial
@@ -256,7 +297,7 @@ def run_sweep(
     os.makedirs(workdir, exist_ok=True)
     record_sweep(workdir, spec, config)
     runner = TrialRunner(config, spec, workdir, worker, num_workers, task, devices, max_trials,
-                         retry_failed)
+                         retry_failed, deadline)
     logging.info("Sweep %s (%s, %d trials, %s %s) in %s: worker %d of %d.", spec.source,
                  spec.method, spec.size, spec.mode, spec.metric, workdir, worker, num_workers)
     if spec.method == "bayes":
@@ -264,8 +305,34 @@ def run_sweep(
     else:
         runner.run_indexed()
     result = load_results(workdir)
-    result.ran, result.preempted = runner.ran, runner.preempted
+    result.ran, result.preempted, result.timed_out = runner.ran, runner.preempted, \
+        runner.timed_out
     return result
+
+
+_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def parse_timeout(value: float | str | None) -> float | None:
+    """Seconds from `value`: a number (seconds), or a duration such as '2h', '30m', '1h30m',
+    '90s', '1.5h'; None or '' = no timeout. Anything else, or <= 0, is a SweepError."""
+    if value is None or value == "":
+        return None
+    seconds: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        if re.fullmatch(r"\d+(\.\d*)?", text):
+            seconds = float(text)
+        elif re.fullmatch(r"(\d+(\.\d*)?[hms])+", text):
+            seconds = sum(float(n) * _UNITS[u] for n, _, u in
+                          re.findall(r"(\d+(\.\d*)?)([hms])", text))
+    if seconds is None or not seconds > 0:
+        raise SweepError(
+            f"--timeout must be a positive number of seconds or a duration like '2h', '30m', "
+            f"'1h30m' or '90s'; got {value!r}.")
+    return seconds
 
 
 def workers_from_env() -> tuple[int, int]:

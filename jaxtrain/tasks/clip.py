@@ -172,6 +172,7 @@ class ClipTask(Task):
                 "model.image, or use mode 't2t'.")
         self._check_vocab()
         self._check_gradient_cache()
+        self._train_part: tuple | None = None  # (seed, build_rows of the training part)
 
         self.teacher_config = None
         self._teacher_weights = None
@@ -418,10 +419,23 @@ class ClipTask(Task):
                     image_size=m.image_size or MIN_IMAGE_SIZE, text_max_len=m.text_max_len,
                     tokenizer=self.tokenizer, prefixes=self.prefixes)
 
+    def _train_rows(self, seed: int) -> tuple:
+        """The training part's (raw rows, preparer) for `seed` (loaded and checked once)."""
+        if self._train_part is None or self._train_part[0] != seed:
+            built = pair_rows.build_rows(self.data_config, which="train", seed=seed,
+                                         **self._data_kwargs())
+            self._train_part = (seed, built)
+        return self._train_part[1]
+
+    def num_train_examples(self) -> int:
+        """Training pairs per epoch, over all hosts: the training part's rows after the
+        hold-out, ``data.max_train_examples`` and bad rows dropped."""
+        return len(self._train_rows(self.config.seed)[0])
+
     def train_iterator(self, *, seed, batch_size, process_index, process_count):
         return pair_rows.train_iterator(
             self.data_config, seed=seed, batch_size=batch_size, process_index=process_index,
-            process_count=process_count, **self._data_kwargs())
+            process_count=process_count, built=self._train_rows(seed), **self._data_kwargs())
 
     def heldout_batches(self, *, batch_size, process_index, process_count, source=""):
         """The held-out pairs (`data.*`), or every pair of the dataset `source`."""

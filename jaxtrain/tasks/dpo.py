@@ -120,6 +120,7 @@ class DPOTask(Task):
         # A separate frozen copy only when needed: LoRA's base already is the start policy.
         self.keep_reference = config.dpo.reference == "model" and not self.lora
         self._tokenizer = None
+        self._train_arrays: dict[str, np.ndarray] | None = None  # _train_rows, once built
 
     # ------------------------------------------------------------------ model
 
@@ -280,11 +281,24 @@ class DPOTask(Task):
                 self.config.data, self.tokenizer, batch_size=batch_size,
                 process_index=process_index, process_count=process_count, seed=self.config.seed,
                 reference_logps=self.config.dpo.reference == "precomputed")
-        rows = self._rows("train")
+        rows = self._train_rows()
         logging.info("DPO train data: %d pairs x %d tokens.", len(rows["chosen_inputs"]),
                      self.config.data.max_length)
         return pipeline.train_iterator(pipeline.ArrayRows(rows), batch_size=batch_size, seed=seed,
                                        process_index=process_index, process_count=process_count)
+
+    def _train_rows(self) -> dict[str, np.ndarray]:
+        """The training pairs' rows (:meth:`_rows`), built once."""
+        if self._train_arrays is None:
+            self._train_arrays = self._rows("train")
+        return self._train_arrays
+
+    def num_train_examples(self) -> int | None:
+        """Preference pairs per epoch, over all hosts (after ``data.max_documents`` and bad
+        rows dropped); None when streaming (the size is not known)."""
+        if self.config.data.streaming:
+            return None
+        return len(self._train_rows()["chosen_inputs"])
 
     def heldout_batches(self, *, batch_size, process_index, process_count, source=""):
         """The held-out preference pairs (at most `data.eval_rows` of them), or all pairs of

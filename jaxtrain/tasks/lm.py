@@ -172,6 +172,7 @@ class LMTask(Task):
                 )
             self.teacher = self.family.module(self.teacher_config)
         self._tokenizer = None
+        self._train_row_source = None  # the training rows, once built (_train_rows)
 
     # ------------------------------------------------------------------ model
 
@@ -315,7 +316,7 @@ class LMTask(Task):
             return streaming.text_train_iterator(
                 self.config.data, self.tokenizer, batch_size=batch_size,
                 process_index=process_index, process_count=process_count, transform=transform)
-        rows = self._row_source("train")
+        rows = self._train_rows()
         logging.info("LM train data: %d rows x %d tokens (%d loss tokens).", len(rows),
                      self.config.data.seq_len, rows.num_loss_tokens)
         return pipeline.train_iterator(
@@ -323,6 +324,23 @@ class LMTask(Task):
             process_count=process_count,
             transform=curriculum_transform(self.stages) if self.stages else None,
         )
+
+    def _train_rows(self):
+        """The training rows (:meth:`_row_source`), built or opened once."""
+        if self._train_row_source is None:
+            self._train_row_source = self._row_source("train")
+        return self._train_row_source
+
+    def num_train_examples(self) -> int | None:
+        """Training rows per epoch, over all hosts: rows of ``data.seq_len`` tokens after
+        concatenation or packing (``data.train_examples`` for synthetic data); None when
+        streaming (the size is not known)."""
+        d = self.config.data
+        if d.get("streaming", False):
+            return None
+        if d.kind == "synthetic":
+            return d.train_examples
+        return len(self._train_rows())
 
     def heldout_batches(self, *, batch_size, process_index, process_count, source=""):
         """The held-out rows (at most `data.eval_rows` of them), or all rows of `source`."""
