@@ -279,7 +279,10 @@ def test_a_full_disk_exits_3_with_one_message_and_the_resume_loses_nothing(tmp_p
     proc = toy_cli(run, *flags)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert len(proc.stderr.splitlines()) < 40, proc.stderr[-3000:]
+    # no flood: the INFO lines (start-up status, step logs: as many as steps ran before the disk
+    # filled) aside, a few library lines about the failed write and one message of ours
+    assert len([x for x in proc.stderr.splitlines() if not x.startswith("I")]) < 30, \
+        proc.stderr[-3000:]
     errors = [x for x in proc.stderr.splitlines() if "cli.py" in x]
     assert len(errors) == 1 and "No space left on device" in errors[0], proc.stderr[-3000:]
     # where the disk fills depends on what else was written first (events, metrics)

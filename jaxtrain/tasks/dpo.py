@@ -363,7 +363,11 @@ def _split(a: jax.Array, b: jax.Array) -> tuple[jax.Array, ...]:
 
 
 def _weights_fingerprint(path: str) -> str:
-    """Where the precomputed reference came from: the path and its newest modification time."""
+    """Where the precomputed reference came from: the path (a Hub id: its cached snapshot) and
+    its newest modification time."""
+    from jaxtrain import hub
+
+    path = hub.resolve(path, "init_from")
     newest = 0.0
     for root, _, files in os.walk(path):
         for f in files:
