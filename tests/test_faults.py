@@ -386,8 +386,9 @@ def test_brief_names_the_os_error_tensorstore_gives_only_by_number():
     whose middle `brief` cuts: the reason must still be in the message."""
     from jaxtrain.errors import brief
 
-    error = ValueError("RESOURCE_EXHAUSTED: Error writing 'step/.zarray' " + "x" * 2000
-                       + " [os_error_code='28']")
+    error = ValueError("RESOURCE_EXHAUSTED: Error writing 'step/.zarray': Failed to write 271 "
+                       "bytes to file 9: No space left on device [tensorstore_spec=" + "x" * 2000
+                       + " [os_error_code='28']")  # the reason in the middle, which is cut
     assert brief(error, 240).endswith("(No space left on device)")
     assert len(brief(error, 240)) <= 240
     plain = OSError(28, "No space left on device")
