@@ -40,6 +40,17 @@ def leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
 
 
+def assert_resumed_equals_straight(resumed, straight, cut: int) -> None:
+    """A run stopped after step `cut` and resumed took the uninterrupted run's later steps:
+    the same losses from step cut + 1 on, and the same final params."""
+    assert [s for s, _ in resumed.loss_history] == list(range(cut + 1, straight.final_step + 1))
+    np.testing.assert_allclose([loss for _, loss in resumed.loss_history],
+                               [loss for _, loss in straight.loss_history[cut:]], rtol=1e-5)
+    for x, y in zip(leaves(resumed.final_state.params), leaves(straight.final_state.params),
+                    strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
 def two_steps(trainer, batches):
     state = trainer.init_state()
     out = []
@@ -85,12 +96,7 @@ def test_resume_mid_epoch_sees_the_same_batches(tmp_path):
     cut = load_config("lm", train__steps=8, checkpoint__every=0, eval__every=0)
     Trainer(cut, str(tmp_path / "b"), devices=ONE).train(stop_at_step=3)
     resumed = Trainer(cut, str(tmp_path / "b"), devices=ONE).train()
-    assert [s for s, _ in resumed.loss_history] == list(range(4, 9))
-    np.testing.assert_allclose([loss for _, loss in resumed.loss_history],
-                               [loss for _, loss in straight.loss_history[3:]], rtol=1e-5)
-    for x, y in zip(leaves(resumed.final_state.params), leaves(straight.final_state.params),
-                    strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+    assert_resumed_equals_straight(resumed, straight, cut=3)
 
 
 def test_curriculum_keeps_tokens_per_batch_and_compiles_per_length(tmp_path):

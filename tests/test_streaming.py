@@ -136,7 +136,7 @@ def test_lm_trainer_streaming_resume_equals_uninterrupted(corpus, tmp_path):
 
     from jaxtrain import Trainer
 
-    from .test_lm_task import leaves, load_config
+    from .test_lm_task import assert_resumed_equals_straight, load_config
 
     path, _ = corpus
     kw = dict(data__source=str(path), data__streaming=True, data__seq_len=16,
@@ -148,12 +148,7 @@ def test_lm_trainer_streaming_resume_equals_uninterrupted(corpus, tmp_path):
     cut = load_config("lm", **kw)
     Trainer(cut, str(tmp_path / "b"), devices=one).train(stop_at_step=2)
     resumed = Trainer(cut, str(tmp_path / "b"), devices=one).train()
-    assert [s for s, _ in resumed.loss_history] == list(range(3, 7))
-    np.testing.assert_allclose([loss for _, loss in resumed.loss_history],
-                               [loss for _, loss in straight.loss_history[2:]], rtol=1e-5)
-    for x, y in zip(leaves(resumed.final_state.params), leaves(straight.final_state.params),
-                    strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+    assert_resumed_equals_straight(resumed, straight, cut=2)
     with pytest.raises(ConfigError, match="streams text and chat data"):
         Trainer(load_config("lm", **kw, data__kind="synthetic"), str(tmp_path / "c"),
                 devices=one).train()
